@@ -1,0 +1,67 @@
+//! Authenticates the bearer token (once per request) and applies rate limits, adding
+//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` to the response.
+//!
+//! Buckets: per API or session token for authenticated requests; per client IP for the
+//! unauthenticated `/v1/auth/*` endpoints. The `BearerAuth` security scheme then only
+//! reads the outcome stored in the request's extensions.
+
+use poem::http::HeaderValue;
+use poem::{Endpoint, IntoResponse, Request, Response};
+
+use crate::auth::{AuthOutcome, Role};
+use crate::error::{self, ApiError};
+use crate::ratelimit::Decision;
+use crate::state::AppState;
+
+pub async fn authenticate_and_limit<E: Endpoint>(endpoint: E, mut request: Request) -> poem::Result<Response> {
+    let Some(state) = request.data::<AppState>().cloned() else {
+        return Err(ApiError::Unexpected(anyhow::anyhow!("AppState missing")).into());
+    };
+    let path = request.uri().path().to_owned();
+    let limits = &state.settings.rate_limit;
+    let decision = if path.starts_with("/v1/auth/") {
+        let ip = request.remote_addr().as_socket_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        state.limiter.check(&format!("ip:{ip}"), limits.auth_per_ip).await
+    } else if let Some(token) = bearer(&request) {
+        let outcome = state.authenticator.authenticate(&token).await;
+        let decision = match &outcome {
+            AuthOutcome::Authenticated(principal) => {
+                let quota = if principal.role == Role::Operator { limits.operator } else { limits.user };
+                state.limiter.check(&format!("token:{}", principal.token_id), quota).await
+            }
+            _ => None,
+        };
+        request.extensions_mut().insert(outcome);
+        decision
+    } else {
+        None
+    };
+
+    let mut response = match decision {
+        Some(d) if !d.allowed => {
+            metrics::counter!("spool_ratelimit_rejected_total").increment(1);
+            poem::error::ResponseError::as_response(&ApiError::RateLimited { retry_after_secs: d.retry_after_secs })
+        }
+        _ => match endpoint.call(request).await {
+            Ok(output) => output.into_response(),
+            Err(error) => error::problem_from_poem(error).await,
+        },
+    };
+    if let Some(decision) = decision {
+        add_headers(&mut response, decision);
+    }
+    Ok(response)
+}
+
+fn bearer(request: &Request) -> Option<String> {
+    let value = request.headers().get(poem::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+fn add_headers(response: &mut Response, decision: Decision) {
+    let headers = response.headers_mut();
+    headers.insert("RateLimit-Limit", HeaderValue::from(decision.limit));
+    headers.insert("RateLimit-Remaining", HeaderValue::from(decision.remaining));
+    headers.insert("RateLimit-Reset", HeaderValue::from(decision.reset_secs));
+}

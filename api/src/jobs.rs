@@ -1,0 +1,241 @@
+//! Job rules: submission with idempotency, lookup, long-polling, listing and
+//! cancellation. Handlers call these; these never see HTTP types.
+
+use std::time::Duration;
+
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement, TransactionTrait,
+};
+use sha2::{Digest, Sha256};
+use spool_shared::entities::jobs;
+use spool_shared::job::{JOB_DONE_CHANNEL, JobStatus};
+use uuid::Uuid;
+
+use crate::catalog::ValidJobRequest;
+use crate::completions::CompletionWaiters;
+use crate::error::ApiError;
+use crate::publisher::Publisher;
+
+/// A client-chosen key that makes retrying `POST /v1/jobs` safe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = ApiError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        let valid = (1..=255).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
+        if valid {
+            Ok(Self(value))
+        } else {
+            Err(ApiError::InvalidRequest("Idempotency-Key must be 1–255 visible ASCII characters".into()))
+        }
+    }
+}
+
+/// What `submit` did.
+pub enum Submission {
+    /// A new job was committed (and published, or left to the outbox relay).
+    Created(jobs::Model),
+    /// The same Idempotency-Key and body were seen before: this is that job.
+    Replayed(jobs::Model),
+}
+
+/// Commits the job, then publishes it. A publish failure is not the client's problem:
+/// the job is committed and the outbox relay will publish it.
+pub async fn submit(
+    db: &DatabaseConnection,
+    publisher: &Publisher,
+    owner_id: Uuid,
+    request: ValidJobRequest,
+    key: Option<IdempotencyKey>,
+    start_within: Option<Duration>,
+) -> Result<Submission, ApiError> {
+    let request_hash = key.as_ref().map(|_| request_hash(&request));
+    let inserted = jobs::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            // The usage counter moves in the same statement as the insert.
+            r#"WITH job AS (
+                   INSERT INTO jobs (id, owner_id, model, status, input, idempotency_key, request_hash, start_deadline)
+                   VALUES ($1, $2, $3, 'queued', $4, $5, $6, now() + make_interval(secs => $7::double precision))
+                   ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                   RETURNING *),
+               counted AS (
+                   INSERT INTO usage (user_id, model, submitted) SELECT owner_id, model, 1 FROM job
+                   ON CONFLICT (user_id, model)
+                   DO UPDATE SET submitted = usage.submitted + 1, last_used_at = now())
+               SELECT * FROM job"#,
+            [
+                Uuid::now_v7().into(),
+                owner_id.into(),
+                request.model.clone().into(),
+                request.input.into(),
+                key.as_ref().map(|k| k.0.clone()).into(),
+                request_hash.clone().into(),
+                start_within.map(|d| d.as_secs_f64()).into(),
+            ],
+        ))
+        .one(db)
+        .await?;
+
+    let Some(job) = inserted else {
+        // The key was used before (possibly by a concurrent request that just committed).
+        let key = key.expect("only a keyed insert can conflict. This is a bug.");
+        let existing = jobs::Entity::find()
+            .filter(jobs::Column::OwnerId.eq(owner_id))
+            .filter(jobs::Column::IdempotencyKey.eq(key.0))
+            .one(db)
+            .await?
+            .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("idempotency conflict on a missing row")))?;
+        return if existing.request_hash == request_hash {
+            Ok(Submission::Replayed(existing))
+        } else {
+            Err(ApiError::IdempotencyConflict)
+        };
+    };
+
+    match publisher.publish(job.id, &job.model).await {
+        Ok(()) => publisher.mark_published(job.id),
+        Err(error) => tracing::warn!(job_id = %job.id, %error, "publish failed; the outbox relay will retry"),
+    }
+    metrics::counter!("spool_jobs_submitted_total", "model" => job.model.clone()).increment(1);
+    Ok(Submission::Created(job))
+}
+
+/// SHA-256 of the request's canonical JSON (serde_json sorts object keys).
+fn request_hash(request: &ValidJobRequest) -> Vec<u8> {
+    let canonical = serde_json::json!({ "model": request.model, "input": request.input });
+    Sha256::digest(canonical.to_string().as_bytes()).to_vec()
+}
+
+/// The caller's job, or `JobNotFound` (also when it belongs to someone else).
+pub async fn find(db: &DatabaseConnection, owner_id: Uuid, job_id: Uuid) -> Result<jobs::Model, ApiError> {
+    jobs::Entity::find_by_id(job_id)
+        .filter(jobs::Column::OwnerId.eq(owner_id))
+        .one(db)
+        .await?
+        .ok_or(ApiError::JobNotFound)
+}
+
+/// Returns the job once it is finished, or as it is after `wait`.
+pub async fn wait_for(
+    db: &DatabaseConnection,
+    waiters: &CompletionWaiters,
+    owner_id: Uuid,
+    job_id: Uuid,
+    wait: Duration,
+) -> Result<jobs::Model, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Subscribe before reading, so a completion between the two is not missed.
+        let finished = waiters.subscribe(job_id);
+        let job = find(db, owner_id, job_id).await?;
+        if is_terminal(&job) || tokio::time::Instant::now() >= deadline {
+            waiters.forget(job_id);
+            return Ok(job);
+        }
+        if tokio::time::timeout_at(deadline, finished).await.is_err() {
+            waiters.forget(job_id);
+            return find(db, owner_id, job_id).await;
+        }
+    }
+}
+
+pub fn is_terminal(job: &jobs::Model) -> bool {
+    JobStatus::parse(&job.status).is_some_and(JobStatus::is_terminal)
+}
+
+/// Filters and position of one page of `GET /v1/jobs`.
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub model: Option<String>,
+    /// Only jobs older than this one (the previous page's last id).
+    pub after: Option<Uuid>,
+    pub limit: u64,
+}
+
+pub struct Page {
+    pub jobs: Vec<jobs::Model>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// The caller's jobs, newest first (UUIDv7 ids sort by creation time).
+pub async fn list(db: &DatabaseConnection, owner_id: Uuid, query: ListQuery) -> Result<Page, ApiError> {
+    let mut select = jobs::Entity::find()
+        .filter(jobs::Column::OwnerId.eq(owner_id))
+        .order_by_desc(jobs::Column::Id)
+        .limit(query.limit + 1);
+    if let Some(status) = query.status {
+        select = select.filter(jobs::Column::Status.eq(status.as_str()));
+    }
+    if let Some(model) = query.model {
+        select = select.filter(jobs::Column::Model.eq(model));
+    }
+    if let Some(after) = query.after {
+        select = select.filter(jobs::Column::Id.lt(after));
+    }
+    let mut jobs = select.all(db).await?;
+    let next_cursor = if jobs.len() as u64 > query.limit {
+        jobs.truncate(query.limit as usize);
+        jobs.last().map(|job| job.id)
+    } else {
+        None
+    };
+    Ok(Page { jobs, next_cursor })
+}
+
+/// Cancels a job that has not finished. A queued job will never start; a running one
+/// finishes but its result is discarded (the worker's write requires `running`).
+pub async fn cancel(db: &DatabaseConnection, owner_id: Uuid, job_id: Uuid) -> Result<jobs::Model, ApiError> {
+    let txn = db.begin().await?;
+    let canceled = jobs::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            r#"UPDATE jobs SET status = 'canceled', completed_at = now()
+                WHERE id = $1 AND owner_id = $2 AND status IN ('queued', 'running')
+            RETURNING *"#,
+            [job_id.into(), owner_id.into()],
+        ))
+        .one(&txn)
+        .await?;
+    let Some(job) = canceled else {
+        txn.rollback().await?;
+        let job = find(db, owner_id, job_id).await?;
+        let status = JobStatus::parse(&job.status).map_or("finished", JobStatus::as_str);
+        return Err(ApiError::NotCancelable(status));
+    };
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [JOB_DONE_CHANNEL.into(), job.id.to_string().into()],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_must_be_short_visible_ascii() {
+        assert!(IdempotencyKey::try_from("order-42".to_owned()).is_ok());
+        assert!(IdempotencyKey::try_from(String::new()).is_err());
+        assert!(IdempotencyKey::try_from("has space".to_owned()).is_err());
+        assert!(IdempotencyKey::try_from("é".to_owned()).is_err());
+        assert!(IdempotencyKey::try_from("x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn the_request_hash_ignores_key_order() {
+        let a = ValidJobRequest { model: "m".into(), input: serde_json::json!({"a": 1, "b": 2}) };
+        let b = ValidJobRequest { model: "m".into(), input: serde_json::json!({"b": 2, "a": 1}) };
+        let c = ValidJobRequest { model: "m".into(), input: serde_json::json!({"a": 1, "b": 3}) };
+        assert_eq!(request_hash(&a), request_hash(&b));
+        assert_ne!(request_hash(&a), request_hash(&c));
+    }
+}

@@ -1,0 +1,240 @@
+//! `spool-api`: the HTTP API (poem + poem-openapi). Clients submit jobs, poll them and
+//! list models; jobs are committed to PostgreSQL and published to RabbitMQ.
+
+pub mod admin;
+pub mod auth;
+pub mod catalog;
+pub mod completions;
+pub mod error;
+pub mod identity;
+pub mod jobs;
+pub mod publisher;
+pub mod ratelimit;
+pub mod redis_handle;
+pub mod routes;
+pub mod state;
+pub mod telemetry;
+pub mod workers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use poem::http::StatusCode;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::middleware::{RequestId, ReuseId};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route, Server};
+use poem_openapi::OpenApiService;
+use secrecy::ExposeSecret;
+use spool_shared::manifest::Manifest;
+use spool_shared::{Settings, db};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{TokenSigner, TokenVerifier};
+use crate::catalog::ModelCatalog;
+use crate::completions::CompletionWaiters;
+use crate::identity::authn::Authenticator;
+use crate::identity::mailer::Mailer;
+use crate::publisher::Publisher;
+use crate::ratelimit::RateLimiter;
+use crate::redis_handle::RedisHandle;
+use crate::routes::admin::AdminApi;
+use crate::routes::auth::AuthApi;
+use crate::routes::health::HealthApi;
+use crate::routes::jobs::JobsApi;
+use crate::routes::me::MeApi;
+use crate::routes::models::ModelsApi;
+use crate::routes::tokens::TokensApi;
+use crate::state::AppState;
+use crate::workers::WorkerRegistry;
+
+/// How long in-flight requests get to finish after SIGTERM.
+const GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(30);
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    port: u16,
+    state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (running pending migrations), starts the RabbitMQ
+    /// publisher and the background tasks, and binds the listener. RabbitMQ being down
+    /// does not stop the API: jobs wait in the outbox until it is back.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let manifest = Manifest::load(&settings.models_dir).context("loading the model manifest")?;
+        let catalog = ModelCatalog::new(&manifest)?;
+        let secret_key = settings
+            .auth
+            .secret_key
+            .as_ref()
+            .context("auth.secret_key is not set: generate a key pair with `spoolctl keys generate`")?;
+        let signer = TokenSigner::new(secret_key.expose_secret(), &settings.auth.issuer).context("auth.secret_key")?;
+        let verifier =
+            TokenVerifier::new(&settings.auth.public_keys, &settings.auth.issuer).context("auth.public_keys")?;
+        let mailer = Mailer::new(&settings).context("smtp_url")?;
+        let db = db::connect(&settings).await.context("connecting to PostgreSQL")?;
+        Migrator::up(&db, None).await.context("running migrations")?;
+        let redis = RedisHandle::new(
+            redis::Client::open(settings.redis_url.expose_secret()).context("redis_url")?,
+            &settings.redis_prefix,
+        );
+        let authenticator = Authenticator::new(
+            verifier,
+            db.clone(),
+            redis.clone(),
+            Duration::from_secs(settings.auth.token_cache_secs),
+        );
+        let limiter = RateLimiter::new(redis.clone());
+        let redis_for_workers = redis.clone();
+
+        let shutdown = CancellationToken::new();
+        let publisher = Publisher::start(&settings, catalog.names(), db.clone(), shutdown.clone());
+        let waiters = CompletionWaiters::default();
+        tokio::spawn(waiters.clone().listen(db.clone(), shutdown.clone()));
+        tokio::spawn(publisher::run_outbox_relay(db.clone(), publisher.clone(), settings.clone(), shutdown.clone()));
+
+        let acceptor = TcpListener::bind(settings.api.bind.clone())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding {}", settings.api.bind))?;
+        let port = acceptor
+            .local_addr()
+            .first()
+            .and_then(|addr| addr.as_socket_addr().map(|a| a.port()))
+            .context("listener has no address")?;
+        let state = AppState {
+            db,
+            catalog,
+            publisher,
+            waiters,
+            redis,
+            authenticator,
+            limiter,
+            signer,
+            mailer,
+            workers: WorkerRegistry::new(redis_for_workers),
+            settings: Arc::new(settings),
+        };
+        Ok(Self { acceptor, port, state, shutdown })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A token that stops the server and its background tasks when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until SIGTERM or Ctrl-C.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            shutdown.cancel();
+        });
+        self.run().await
+    }
+
+    /// Serves until the shutdown token is cancelled.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let endpoint = endpoint(self.state.clone());
+        tracing::info!(port = self.port, "spool-api listening");
+        let shutdown = self.shutdown.clone();
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(endpoint, shutdown.cancelled_owned(), Some(GRACEFUL_SHUTDOWN))
+            .await?;
+        self.shutdown.cancel();
+        Ok(())
+    }
+}
+
+/// The OpenAPI service description (also used to write `openapi.json`).
+/// Every resource's API, combined.
+pub type Apis = (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, AdminApi, HealthApi);
+
+pub fn openapi_service() -> OpenApiService<Apis, ()> {
+    OpenApiService::new(
+        (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, AdminApi, HealthApi),
+        "Spool",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description("Asynchronous inference: submit jobs, poll or long-poll their results.")
+}
+
+fn endpoint(state: AppState) -> impl Endpoint {
+    let api = openapi_service();
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let metrics = telemetry::metrics_handle();
+    let max_body = state.settings.api.max_body_bytes;
+    Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .at(
+            "/metrics",
+            poem::endpoint::make_sync(move |_| {
+                poem::Response::builder().content_type("text/plain; version=0.0.4").body(metrics.render())
+            }),
+        )
+        .around(identity::middleware::authenticate_and_limit)
+        .around(move |endpoint, request| limit_body(endpoint, request, max_body))
+        .data(state)
+        .catch_all_error(error::problem_from_poem)
+        .around(|endpoint, request| async move {
+            let method = request.method().to_string();
+            let started = Instant::now();
+            let response = endpoint.get_response(request).await;
+            let status = response.status().as_u16().to_string();
+            metrics::histogram!("spool_http_request_duration_seconds", "method" => method, "status" => status)
+                .record(started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+        .with(RequestId::default().reuse_id(ReuseId::Use))
+        .into_endpoint()
+}
+
+/// Refuses bodies over `max` bytes with a 413, whether or not they declare a length
+/// (poem's own `SizeLimit` also refuses every request without `Content-Length`).
+async fn limit_body<E: Endpoint>(endpoint: E, mut request: Request, max: usize) -> poem::Result<Response> {
+    let declared = request
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(length) if length > max => return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE)),
+        Some(_) => {}
+        None if request.headers().contains_key(poem::http::header::TRANSFER_ENCODING) => {
+            let body = request
+                .take_body()
+                .into_bytes_limit(max)
+                .await
+                .map_err(|_| poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE))?;
+            request.set_body(body);
+        }
+        None => {}
+    }
+    Ok(endpoint.call(request).await?.into_response())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

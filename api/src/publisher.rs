@@ -1,0 +1,232 @@
+//! Publishing jobs to RabbitMQ, and the outbox relay that makes a `202` a promise.
+//!
+//! A job is committed first, then published with a publisher confirm. If the broker is
+//! down or the API dies in between, the row keeps `published_at IS NULL` and the relay
+//! publishes it later. A job may therefore be published twice (API crash after the
+//! confirm, before `published_at` was written); the worker's conditional state
+//! transitions make the second copy harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use spool_shared::Settings;
+use spool_shared::amqp::{self, JobEnvelope, Topology};
+use tokio::sync::{RwLock, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long one publish may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not connected to RabbitMQ")]
+    NotConnected,
+    #[error("the broker refused the message")]
+    Nacked,
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Cheap handle to the publishing side.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topology: Topology,
+    channel: RwLock<Option<Channel>>,
+    published: mpsc::Sender<Uuid>,
+}
+
+impl Publisher {
+    /// Starts the connection keeper (reconnects with backoff) and the task that records
+    /// confirmed publishes in batches.
+    pub fn start(
+        settings: &Settings,
+        models: Vec<String>,
+        db: DatabaseConnection,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (published, confirmed) = mpsc::channel(65_536);
+        let inner = Arc::new(Inner { topology: Topology::new(settings), channel: RwLock::new(None), published });
+        tokio::spawn(keep_connected(settings.clone(), models, Arc::clone(&inner), shutdown.clone()));
+        tokio::spawn(record_published(db, confirmed, shutdown));
+        Self { inner }
+    }
+
+    pub async fn is_connected(&self) -> bool {
+        self.inner.channel.read().await.as_ref().is_some_and(|c| c.status().connected())
+    }
+
+    /// Publishes the job's message and waits for the broker's confirm.
+    pub async fn publish(&self, job_id: Uuid, model: &str) -> Result<(), PublishError> {
+        let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
+        let envelope = JobEnvelope::new(job_id, model);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2) // persistent
+            .with_content_type("application/json".into())
+            .with_message_id(job_id.to_string().into());
+        let confirm = channel
+            .basic_publish(
+                self.inner.topology.jobs_exchange().into(),
+                model.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &envelope.to_bytes(),
+                properties,
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+        // A returned message (no queue bound for the model) is acked but not stored.
+        if !confirmation.is_ack() || confirmation.take_message().is_some() {
+            return Err(PublishError::Nacked);
+        }
+        Ok(())
+    }
+
+    /// Notes that the job's message is safely in the broker (written in batches).
+    pub fn mark_published(&self, job_id: Uuid) {
+        // If the buffer is full the relay will publish the job again: harmless.
+        let _ = self.inner.published.try_send(job_id);
+    }
+}
+
+async fn keep_connected(settings: Settings, models: Vec<String>, inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let connection = amqp::connect(&settings, "spool-api").await?;
+            let channel = connection.create_channel().await?;
+            inner.topology.declare(&channel, &models).await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>((connection, channel))
+        };
+        match attempt.await {
+            Ok((connection, channel)) => {
+                tracing::info!("connected to RabbitMQ");
+                backoff = Duration::from_millis(250);
+                *inner.channel.write().await = Some(channel.clone());
+                // Watch the channel; lapin does not reconnect by itself.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            let _ = connection.close(200, "api stopping".into()).await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    if !channel.status().connected() || !connection.status().connected() {
+                        break;
+                    }
+                }
+                *inner.channel.write().await = None;
+                tracing::warn!("lost the RabbitMQ connection; reconnecting");
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "cannot connect to RabbitMQ");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Writes `published_at` for confirmed jobs, many per statement.
+async fn record_published(db: DatabaseConnection, mut confirmed: mpsc::Receiver<Uuid>, shutdown: CancellationToken) {
+    let mut ids = Vec::with_capacity(1024);
+    loop {
+        let received = tokio::select! {
+            n = confirmed.recv_many(&mut ids, 1024) => n,
+            _ = shutdown.cancelled() => 0,
+        };
+        if received == 0 {
+            return;
+        }
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            [ids.clone().into()],
+        );
+        if let Err(error) = db.execute_raw(statement).await {
+            // The relay will publish these jobs again; the worker ignores the duplicates.
+            tracing::warn!(%error, count = ids.len(), "cannot record published jobs");
+        }
+        ids.clear();
+    }
+}
+
+/// Periodically publishes committed jobs whose publish never got a confirm.
+pub async fn run_outbox_relay(
+    db: DatabaseConnection,
+    publisher: Publisher,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let interval = Duration::from_millis(settings.api.outbox_interval_ms);
+    let grace_ms = settings.api.outbox_grace_ms as i64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if !publisher.is_connected().await {
+            continue;
+        }
+        match relay_once(&db, &publisher, grace_ms).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "outbox relay published jobs"),
+            Err(error) => tracing::warn!(error.cause_chain = ?error, "outbox relay failed"),
+        }
+    }
+}
+
+/// One relay pass. Rows are locked while being published so that several API
+/// instances never relay the same job at once.
+pub async fn relay_once(db: &DatabaseConnection, publisher: &Publisher, grace_ms: i64) -> anyhow::Result<usize> {
+    let txn = db.begin().await?;
+    let rows = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            r#"SELECT id, model FROM jobs
+                WHERE published_at IS NULL AND status = 'queued'
+                  AND created_at < now() - make_interval(secs => $1::double precision / 1000)
+                ORDER BY created_at
+                LIMIT 500
+                FOR UPDATE SKIP LOCKED"#,
+            [grace_ms.into()],
+        ))
+        .await?;
+    let mut published = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: Uuid = row.try_get("", "id")?;
+        let model: String = row.try_get("", "model")?;
+        match publisher.publish(id, &model).await {
+            Ok(()) => published.push(id),
+            Err(error) => {
+                tracing::warn!(%error, job_id = %id, "outbox relay could not publish");
+                break;
+            }
+        }
+    }
+    if !published.is_empty() {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE jobs SET published_at = now() WHERE id = ANY($1)",
+            [published.clone().into()],
+        ))
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(published.len())
+}

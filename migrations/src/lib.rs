@@ -1,0 +1,22 @@
+//! Every schema change, forward-only. The API runs pending migrations at start.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_jobs;
+mod m20261124_000002_create_identity;
+mod m20261124_000003_add_dead_letters;
+mod m20261124_000004_add_start_deadline;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261124_000001_create_jobs::Migration),
+            Box::new(m20261124_000002_create_identity::Migration),
+            Box::new(m20261124_000003_add_dead_letters::Migration),
+            Box::new(m20261124_000004_add_start_deadline::Migration),
+        ]
+    }
+}

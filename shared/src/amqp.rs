@@ -1,0 +1,211 @@
+//! The RabbitMQ side: topology names and declaration, and the job message envelope.
+//!
+//! Every service declares the topology at start (declarations are idempotent), and
+//! `rabbitmq/definitions.json` mirrors it for operators who load definitions up front.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use std::time::Duration;
+
+use crate::Settings;
+use crate::retry::tier_name;
+
+/// A message that keeps killing its consumer is dead-lettered after this many deliveries
+/// instead of looping forever.
+pub const DELIVERY_LIMIT: i32 = 5;
+
+/// Names of every exchange and queue, derived from one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+    queue_expires_ms: Option<u32>,
+    retry_tiers: Vec<Duration>,
+}
+
+impl Topology {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            prefix: settings.amqp.prefix.clone(),
+            queue_expires_ms: settings.amqp.queue_expires_ms,
+            retry_tiers: settings.amqp.retry_tiers(),
+        }
+    }
+
+    pub fn retry_tiers(&self) -> &[Duration] {
+        &self.retry_tiers
+    }
+
+    /// Fanout exchange of a retry tier: publish there with the model as routing key; the
+    /// key survives the TTL and dead-lettering back to the jobs exchange.
+    pub fn retry_exchange(&self, delay: Duration) -> String {
+        format!("{}.retry.{}", self.prefix, tier_name(delay))
+    }
+
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        self.retry_exchange(delay)
+    }
+
+    /// Direct exchange every job is published to, with the model name as routing key.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    /// The quorum queue holding one model's jobs.
+    pub fn job_queue(&self, model: &str) -> String {
+        format!("{}.jobs.{model}", self.prefix)
+    }
+
+    /// Where messages go once they can no longer be delivered.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    fn quorum_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        if let Some(ms) = self.queue_expires_ms {
+            arguments.insert("x-expires".into(), AMQPValue::LongInt(ms as i32));
+        }
+        arguments
+    }
+
+    fn job_queue_arguments(&self) -> FieldTable {
+        let mut arguments = self.quorum_arguments();
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        // At-least-once dead-lettering: the broker keeps a message until the dead-letter
+        // queue confirms it, so nothing is dropped on the way (it requires reject-publish).
+        arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        arguments
+    }
+
+    fn retry_queue_arguments(&self, delay: Duration) -> FieldTable {
+        let mut arguments = self.quorum_arguments();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange().into()));
+        arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        arguments
+    }
+
+    /// Declares exchanges and queues for the given models. Idempotent.
+    pub async fn declare(&self, channel: &Channel, models: &[String]) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(self.jobs_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default())
+            .await?;
+        channel
+            .exchange_declare(self.dead_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await?;
+        channel
+            .queue_declare(self.dead_queue().into(), QueueDeclareOptions::durable(), self.quorum_arguments())
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_queue().into(),
+                self.dead_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for delay in &self.retry_tiers {
+            let name = self.retry_exchange(*delay);
+            channel
+                .exchange_declare(name.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+                .await?;
+            channel
+                .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), self.retry_queue_arguments(*delay))
+                .await?;
+            channel
+                .queue_bind(
+                    name.as_str().into(),
+                    name.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for model in models {
+            channel
+                .queue_declare(self.job_queue(model).into(), QueueDeclareOptions::durable(), self.job_queue_arguments())
+                .await?;
+            channel
+                .queue_bind(
+                    self.job_queue(model).into(),
+                    self.jobs_exchange().into(),
+                    model.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a connection to the broker named in the settings.
+pub async fn connect(settings: &Settings, name: &str) -> lapin::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(settings.amqp_url.expose_secret(), properties).await
+}
+
+/// The body of a job message. Small and versioned: the input stays in PostgreSQL, which
+/// the worker reads anyway when it claims the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEnvelope {
+    /// Envelope format version.
+    pub v: u8,
+    pub job_id: Uuid,
+    pub model: String,
+    /// Joins the API's and the worker's spans for one job.
+    pub trace_id: Option<String>,
+}
+
+impl JobEnvelope {
+    pub const VERSION: u8 = 1;
+
+    pub fn new(job_id: Uuid, model: &str) -> Self {
+        Self { v: Self::VERSION, job_id, model: model.to_owned(), trace_id: None }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serializes. This is a bug.")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_prefix() {
+        let topology =
+            Topology { prefix: "t1".into(), queue_expires_ms: None, retry_tiers: vec![Duration::from_secs(5)] };
+        assert_eq!(topology.retry_exchange(Duration::from_secs(5)), "t1.retry.5s");
+        assert_eq!(topology.jobs_exchange(), "t1.jobs");
+        assert_eq!(topology.job_queue("digits-cnn"), "t1.jobs.digits-cnn");
+        assert_eq!(topology.dead_queue(), "t1.dead");
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let envelope = JobEnvelope::new(Uuid::now_v7(), "digits-cnn");
+        assert_eq!(JobEnvelope::from_bytes(&envelope.to_bytes()).ok(), Some(envelope));
+    }
+}

@@ -1,0 +1,95 @@
+//! Measures what identity costs: argon2id hashing, and the latency that authentication
+//! plus rate limiting add to every request, against the real PostgreSQL and Redis.
+//! Run with `scripts/bench/auth` (release build). Prints figures; asserts nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use spool_api::auth::{Scope, TokenVerifier};
+use spool_api::identity::authn::Authenticator;
+use spool_api::identity::passwords::{self, NewPassword};
+use spool_api::ratelimit::RateLimiter;
+use spool_api::redis_handle::RedisHandle;
+use spool_tests::{AppOptions, spawn_app_with};
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+    let mean = samples.iter().map(Duration::as_secs_f64).sum::<f64>() / samples.len() as f64 * 1000.0;
+    (at(0.5), at(0.99), mean)
+}
+
+#[tokio::main]
+async fn main() {
+    let requests: usize = std::env::var("BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let mut app = spawn_app_with(AppOptions { worker_models: vec![], ..Default::default() }).await;
+    // The bench measures the path, not the quota: give the token a quota it cannot hit.
+    let mut settings = app.settings.clone();
+    settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    app.restart_api(settings.clone()).await;
+
+    // 1. argon2id, OWASP parameters (m=19 MiB, t=2, p=1), on the blocking pool as in the API.
+    let mut hashes = Vec::new();
+    for _ in 0..20 {
+        let password = NewPassword::parse("violet-lantern-harbor".into()).unwrap();
+        let started = Instant::now();
+        passwords::hash(password).await.unwrap();
+        hashes.push(started.elapsed());
+    }
+    let (p50, p99, mean) = percentiles(hashes);
+    println!("argon2id hash (m=19456 KiB, t=2, p=1): p50 {p50:.1} ms, p99 {p99:.1} ms, mean {mean:.1} ms (20 runs)");
+
+    // 2. The middleware's work per request, in-process: verify the PASETO signature and
+    //    claims, check revocation (Redis cache; PostgreSQL on a miss), take a GCRA token.
+    let redis = RedisHandle::new(
+        redis::Client::open(secrecy::ExposeSecret::expose_secret(&settings.redis_url)).unwrap(),
+        &settings.redis_prefix,
+    );
+    let verifier = TokenVerifier::new(&settings.auth.public_keys, "spool").unwrap();
+    let db = spool_shared::db::connect(&settings).await.unwrap();
+    let authenticator = Authenticator::new(verifier.clone(), db, redis.clone(), Duration::from_secs(30));
+    let limiter = RateLimiter::new(redis);
+    let (user_id, token) = app.new_user_with_token(&[Scope::JobsRead, Scope::JobsWrite]).await;
+    let _ = user_id;
+    let quota = settings.rate_limit.user;
+    let (mut verify_only, mut auth_only, mut auth_and_limit) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..requests {
+        let started = Instant::now();
+        verifier.verify(&token).unwrap();
+        verify_only.push(started.elapsed());
+        let started = Instant::now();
+        authenticator.authenticate(&token).await;
+        auth_only.push(started.elapsed());
+        let started = Instant::now();
+        authenticator.authenticate(&token).await;
+        limiter.check("bench", quota).await.unwrap();
+        auth_and_limit.push(started.elapsed());
+    }
+    for (name, samples) in [
+        ("PASETO verify (signature + claims)", verify_only),
+        ("authenticate (verify + revocation check)", auth_only),
+        ("authenticate + rate limit (what every request pays)", auth_and_limit),
+    ] {
+        let (p50, p99, mean) = percentiles(samples);
+        println!("{name}: p50 {p50:.3} ms, p99 {p99:.3} ms, mean {mean:.3} ms ({requests} runs)");
+    }
+
+    // 3. For scale: POST /v1/jobs as a client sees it (one connection, sequential).
+    let body = json!({"model": "digits-cnn", "input": {"pixels": vec![0; 64]}});
+    let (mut submit, mut health) = (Vec::new(), Vec::new());
+    for _ in 0..requests {
+        let started = Instant::now();
+        let response = app.client.post(app.url("/v1/jobs")).bearer_auth(&token).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        response.bytes().await.unwrap();
+        submit.push(started.elapsed());
+        let started = Instant::now();
+        app.client.get(app.url("/healthz")).send().await.unwrap().bytes().await.unwrap();
+        health.push(started.elapsed());
+    }
+    let (s50, s99, _) = percentiles(submit);
+    let (h50, h99, _) = percentiles(health);
+    println!("POST /v1/jobs end to end: p50 {s50:.3} ms, p99 {s99:.3} ms ({requests} sequential requests)");
+    println!("GET /healthz (no auth, no database) baseline: p50 {h50:.3} ms, p99 {h99:.3} ms");
+}

@@ -1,0 +1,329 @@
+//! Test harness: start the real API and worker in-process against the real PostgreSQL,
+//! RabbitMQ and Redis, each test with its own database and its own queue prefix.
+//!
+//! Service addresses come from `TEST_DATABASE_URL` (a server URL without database name,
+//! default `postgres://postgres:postgres@127.0.0.1:5432`), `AMQP_URL` and `REDIS_URL`.
+//! Set `TEST_LOG=1` to see the services' logs.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use secrecy::SecretString;
+use serde_json::Value;
+use spool_api::auth::{self, Role, Scope, TokenGrant, TokenKind, TokenSigner};
+use spool_api::identity::accounts::{self, Email};
+use spool_api::identity::passwords::NewPassword;
+use spool_api::identity::tokens::{self, TokenLifetime};
+use spool_shared::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use reqwest::StatusCode;
+
+/// What a test wants running.
+#[derive(Clone)]
+pub struct AppOptions {
+    /// Models the in-process worker serves; empty starts no worker.
+    pub worker_models: Vec<&'static str>,
+    /// Overrides the broker address the API uses (e.g. a dead port, to test the outbox).
+    pub api_amqp_url: Option<String>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self { worker_models: vec!["digits-cnn"], api_amqp_url: None }
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    /// An API token of `user_id` with `jobs:read` and `jobs:write`.
+    pub token: String,
+    pub user_id: Uuid,
+    pub secret_key: String,
+    pub settings: Settings,
+    pub db: DatabaseConnection,
+    api_shutdown: CancellationToken,
+    api_task: Option<JoinHandle<()>>,
+    worker: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+/// Base settings for one test: a fresh database and queue prefix, free port.
+pub async fn test_settings() -> Settings {
+    init_logging();
+    let server =
+        std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into());
+    let name = format!("spool_test_{}", Uuid::now_v7().simple());
+    let admin = Database::connect(format!("{server}/postgres")).await.expect("PostgreSQL is reachable");
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    admin.close().await.ok();
+
+    let mut settings = Settings { database_url: SecretString::from(format!("{server}/{name}")), ..Default::default() };
+    if let Ok(url) = std::env::var("AMQP_URL") {
+        settings.amqp_url = SecretString::from(url);
+    }
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        settings.redis_url = SecretString::from(url);
+    }
+    if let Ok(url) = std::env::var("TEST_SMTP_URL") {
+        settings.smtp_url = SecretString::from(url);
+    }
+    settings.database.max_connections = 8;
+    settings.models_dir = models_dir();
+    settings.amqp.prefix = format!("t{}", &Uuid::now_v7().simple().to_string()[20..]);
+    settings.redis_prefix = format!("test:{}", settings.amqp.prefix);
+    // Leftover test queues vanish on their own. Quorum queues are heavy for a 2-core
+    // broker (a Raft group each): tests keep few (one retry tier) and drop them soon.
+    settings.amqp.queue_expires_ms = Some(90_000);
+    settings.amqp.retry_tiers_ms = vec![500];
+    settings.api.bind = "127.0.0.1:0".into();
+    settings.api.outbox_interval_ms = 200;
+    settings.api.outbox_grace_ms = 500;
+    settings.worker.id = Some(format!("test-worker-{}", &Uuid::now_v7().simple().to_string()[24..]));
+    let (secret, public) = auth::generate_key_pair().unwrap();
+    settings.auth.public_keys = vec![public];
+    settings.auth.secret_key = Some(SecretString::from(secret));
+    settings
+}
+
+fn init_logging() {
+    if std::env::var("TEST_LOG").is_ok() {
+        spool_shared::telemetry::init("info");
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+    let settings = test_settings().await;
+    TestApp::start(settings, options).await
+}
+
+impl TestApp {
+    pub async fn start(settings: Settings, options: AppOptions) -> Self {
+        let mut api_settings = settings.clone();
+        if let Some(url) = &options.api_amqp_url {
+            api_settings.amqp_url = SecretString::from(url.clone());
+        }
+        let broker_reachable = options.api_amqp_url.is_none();
+        let (address, api_shutdown, api_task) = start_api(api_settings).await;
+        if broker_reachable {
+            wait_ready(&address).await;
+        }
+        let db =
+            Database::connect(secrecy::ExposeSecret::expose_secret(&settings.database_url).to_owned()).await.unwrap();
+        let secret_key = secrecy::ExposeSecret::expose_secret(settings.auth.secret_key.as_ref().unwrap()).to_owned();
+        let mut app = Self {
+            address,
+            client: reqwest::Client::new(),
+            token: String::new(),
+            user_id: Uuid::nil(),
+            secret_key,
+            settings,
+            db,
+            api_shutdown,
+            api_task: Some(api_task),
+            worker: None,
+        };
+        let (user_id, token) = app.new_user_with_token(&[Scope::JobsRead, Scope::JobsWrite]).await;
+        app.user_id = user_id;
+        app.token = token;
+        if !options.worker_models.is_empty() {
+            app.start_worker(&options.worker_models).await;
+        }
+        app
+    }
+
+    /// A new verified user and an API token of theirs with `scopes`.
+    pub async fn new_user_with_token(&self, scopes: &[Scope]) -> (Uuid, String) {
+        let email = Email::parse(&format!("user-{}@example.com", Uuid::now_v7().simple())).unwrap();
+        let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
+        let user = accounts::create_verified_user(&self.db, &email, password, Role::User).await.unwrap();
+        let token = self.api_token(user.id, scopes, Duration::from_secs(3600)).await;
+        (user.id, token)
+    }
+
+    /// A new operator and an API token of theirs with the `admin` scope.
+    pub async fn new_operator_token(&self) -> String {
+        let email = Email::parse(&format!("ops-{}@example.com", Uuid::now_v7().simple())).unwrap();
+        let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
+        let user = accounts::create_verified_user(&self.db, &email, password, Role::Operator).await.unwrap();
+        self.api_token(user.id, &[Scope::Admin, Scope::JobsRead], Duration::from_secs(3600)).await
+    }
+
+    /// An API token of an existing user, recorded in `api_tokens`, expiring after `ttl`
+    /// (shorter than the API allows, for expiry tests).
+    pub async fn api_token(&self, user_id: Uuid, scopes: &[Scope], ttl: Duration) -> String {
+        let signer = self.signer();
+        let lifetime = TokenLifetime::parse("1h", false).unwrap();
+        let issued = tokens::issue(&self.db, &signer, user_id, "test".into(), lifetime, scopes).await.unwrap();
+        let grant = TokenGrant { user_id, kind: TokenKind::Api, token_id: issued.row.id, scopes, ttl: Some(ttl) };
+        signer.sign(&grant).unwrap()
+    }
+
+    pub fn signer(&self) -> TokenSigner {
+        TokenSigner::new(&self.secret_key, "spool").unwrap()
+    }
+
+    /// Starts an in-process worker serving `models`.
+    pub async fn start_worker(&mut self, models: &[&str]) {
+        let mut settings = self.settings.clone();
+        settings.worker.models = models.iter().map(|m| (*m).to_owned()).collect();
+        let worker = spool_worker::Application::build(settings).await.expect("worker starts");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            worker.run(token).await.expect("worker runs");
+        });
+        self.worker = Some((shutdown, task));
+    }
+
+    /// Stops the worker gracefully (finishes its batches) and waits for it.
+    pub async fn stop_worker(&mut self) {
+        if let Some((shutdown, task)) = self.worker.take() {
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// Stops the API and waits for it, then starts a new one with `settings`.
+    pub async fn restart_api(&mut self, settings: Settings) {
+        self.stop_api().await;
+        let (address, shutdown, task) = start_api(settings).await;
+        self.address = address;
+        self.api_shutdown = shutdown;
+        self.api_task = Some(task);
+    }
+
+    pub async fn stop_api(&mut self) {
+        self.api_shutdown.cancel();
+        if let Some(task) = self.api_task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn post_job(&self, body: &Value) -> reqwest::Response {
+        self.client.post(self.url("/v1/jobs")).bearer_auth(&self.token).json(body).send().await.unwrap()
+    }
+
+    pub async fn get_job(&self, id: &str) -> reqwest::Response {
+        self.client.get(self.url(&format!("/v1/jobs/{id}"))).bearer_auth(&self.token).send().await.unwrap()
+    }
+
+    /// Submits and returns the job's id, asserting a 202.
+    pub async fn submit(&self, model: &str, input: Value) -> String {
+        let response = self.post_job(&serde_json::json!({"model": model, "input": input})).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{}", response.text().await.unwrap());
+        let job: Value = response.json().await.unwrap();
+        job["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Long-polls until the job is finished (or `timeout` passes) and returns it.
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let response = self
+                .client
+                .get(self.url(&format!("/v1/jobs/{id}?wait=5")))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let job: Value = response.json().await.unwrap();
+            let status = job["status"].as_str().unwrap_or_default();
+            if ["succeeded", "failed", "canceled"].contains(&status) || tokio::time::Instant::now() >= deadline {
+                return job;
+            }
+        }
+    }
+}
+
+/// Waits until `/readyz` says the API reaches PostgreSQL, RabbitMQ (topology declared)
+/// and Redis.
+async fn wait_ready(address: &str) {
+    let client = reqwest::Client::new();
+    // Declaring quorum queues takes the broker a while when tests run side by side.
+    for _ in 0..600 {
+        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
+            && response.status() == StatusCode::OK
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the API at {address} was not ready within 30 s");
+}
+
+async fn start_api(settings: Settings) -> (String, CancellationToken, JoinHandle<()>) {
+    let app = spool_api::Application::build(settings).await.expect("API starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let shutdown = app.shutdown_token();
+    let task = tokio::spawn(async move {
+        app.run().await.expect("API runs");
+    });
+    (address, shutdown, task)
+}
+
+/// Reads a JSON file under `models/`.
+pub fn model_file(path: &str) -> Value {
+    let text = std::fs::read_to_string(models_dir().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+pub fn as_f64s(value: &Value) -> Vec<f64> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+}
+
+/// Waits for the newest mail to `to` in the test SMTP sink's Maildir (`TEST_MAILDIR`,
+/// filled by aiosmtpd, started by scripts/test) and returns it, raw.
+pub async fn wait_for_mail(to: &str, after: usize) -> String {
+    let dir = PathBuf::from(std::env::var("TEST_MAILDIR").expect("TEST_MAILDIR is set by scripts/test")).join("new");
+    for _ in 0..100 {
+        let mut mails: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let text = std::fs::read_to_string(entry.path()).ok()?;
+                let modified = entry.metadata().ok()?.modified().ok()?;
+                text.lines().any(|l| l.eq_ignore_ascii_case(&format!("to: {to}"))).then_some((modified, text))
+            })
+            .collect();
+        mails.sort_by_key(|(modified, _)| *modified);
+        if mails.len() > after {
+            return mails.pop().unwrap().1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no mail to {to} within 10 s");
+}
+
+/// The single-use token in a Spool mail (43 URL-safe base64 characters on their own line).
+pub fn token_in_mail(mail: &str) -> String {
+    mail.lines()
+        .map(str::trim)
+        .find(|line| line.len() == 43 && line.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .unwrap_or_else(|| panic!("no token in mail:\n{mail}"))
+        .to_owned()
+}

@@ -1,0 +1,49 @@
+//! Service endpoints: health, readiness, metrics, OpenAPI, docs, request ids, models.
+
+use serde_json::Value;
+use spool_tests::{AppOptions, StatusCode, spawn_app_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_endpoints_answer() {
+    let app = spawn_app_with(AppOptions { worker_models: vec![], ..Default::default() }).await;
+
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(health.headers().contains_key("x-request-id"));
+
+    // The publisher connects in the background; readiness follows within seconds.
+    let mut ready = None;
+    for _ in 0..50 {
+        let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+        if response.status() == StatusCode::OK {
+            ready = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ready = ready.expect("ready within 5 s");
+    assert_eq!(ready["postgres"], true);
+    assert_eq!(ready["rabbitmq"], true);
+    assert_eq!(ready["redis"], true);
+
+    let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert!(spec["paths"]["/v1/jobs"]["post"].is_object());
+    assert!(spec["components"]["securitySchemes"]["BearerAuth"].is_object());
+    assert_eq!(app.client.get(app.url("/docs")).send().await.unwrap().status(), StatusCode::OK);
+
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("spool_http_request_duration_seconds"), "{metrics}");
+
+    let traced = app.client.get(app.url("/healthz")).header("x-request-id", "trace-me-42").send().await.unwrap();
+    assert_eq!(traced.headers()["x-request-id"], "trace-me-42");
+
+    let unknown = app.client.get(app.url("/v1/nothing-here")).send().await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+
+    let models: Value =
+        app.client.get(app.url("/v1/models")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["digits-cnn", "minilm-embed"]);
+    assert_eq!(models["data"][0]["input_schema"]["properties"]["pixels"]["minItems"], 64);
+}

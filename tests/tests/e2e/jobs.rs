@@ -1,0 +1,310 @@
+//! The jobs API: idempotency, waiting, listing, cancel, validation and not-found.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spool_api::auth::Scope;
+use spool_tests::{AppOptions, StatusCode, spawn_app, spawn_app_with};
+use uuid::Uuid;
+
+fn digit_input() -> Value {
+    json!({"pixels": vec![0; 64]})
+}
+
+fn no_worker() -> AppOptions {
+    AppOptions { worker_models: vec![], ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_replays_the_same_body_and_refuses_another() {
+    let app = spawn_app_with(no_worker()).await;
+    let body = json!({"model": "digits-cnn", "input": digit_input()});
+    let send = |body: Value| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(&app.token)
+            .header("Idempotency-Key", "order-7")
+            .json(&body)
+            .send()
+    };
+    let first = send(body.clone()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+
+    let replay = send(body.clone()).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+
+    let other = send(json!({"model": "digits-cnn", "input": {"pixels": vec![1; 64]}})).await.unwrap();
+    assert_eq!(other.status(), StatusCode::CONFLICT);
+    let problem: Value = other.json().await.unwrap();
+    assert_eq!(problem["code"], "idempotency_key_reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_create_one_job() {
+    let app = spawn_app_with(no_worker()).await;
+    let body = json!({"model": "digits-cnn", "input": digit_input()});
+    let requests = (0..12).map(|_| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(&app.token)
+            .header("Idempotency-Key", "same-key")
+            .json(&body)
+            .send()
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for response in responses {
+        let response = response.unwrap();
+        match response.status() {
+            StatusCode::ACCEPTED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected {other}"),
+        }
+        let job: Value = response.json().await.unwrap();
+        ids.insert(job["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    let listed: Value =
+        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_wait_returns_the_finished_job() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.token)
+        .header("Prefer", "wait=20")
+        .json(&json!({"model": "digits-cnn", "input": digit_input()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["preference-applied"], "wait=20");
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "succeeded");
+    assert!(job["output"]["label"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_answers_when_the_job_finishes() {
+    let mut app = spawn_app_with(no_worker()).await;
+    let id = app.submit("digits-cnn", digit_input()).await;
+    // Nothing runs it yet: a short wait returns the queued job after the wait.
+    let started = std::time::Instant::now();
+    let response =
+        app.client.get(app.url(&format!("/v1/jobs/{id}?wait=1"))).bearer_auth(&app.token).send().await.unwrap();
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "queued");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    let poll = {
+        let client = app.client.clone();
+        let url = app.url(&format!("/v1/jobs/{id}?wait=30"));
+        let token = app.token.clone();
+        tokio::spawn(
+            async move { client.get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap() },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.start_worker(&["digits-cnn"]).await;
+    let job = tokio::time::timeout(Duration::from_secs(25), poll).await.expect("long-poll answered").unwrap();
+    assert_eq!(job["status"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_canceled_never_runs() {
+    let mut app = spawn_app_with(no_worker()).await;
+    let id = app.submit("digits-cnn", digit_input()).await;
+    let response =
+        app.client.post(app.url(&format!("/v1/jobs/{id}/cancel"))).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "canceled");
+
+    // A worker now receives the message and must skip the job.
+    let witness = app.submit("digits-cnn", digit_input()).await;
+    app.start_worker(&["digits-cnn"]).await;
+    let witness = app.wait_finished(&witness, Duration::from_secs(30)).await;
+    assert_eq!(witness["status"], "succeeded");
+    let job: Value = app.get_job(&id).await.json().await.unwrap();
+    assert_eq!(job["status"], "canceled");
+    assert_eq!(job["attempts"], 0);
+    assert!(job["started_at"].is_null());
+
+    // A finished job cannot be canceled.
+    let again =
+        app.client.post(app.url(&format!("/v1/jobs/{id}/cancel"))).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let problem: Value = again.json().await.unwrap();
+    assert_eq!(problem["code"], "job_not_cancelable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_through_every_job_once_with_filters() {
+    let app = spawn_app_with(no_worker()).await;
+    let mut submitted = HashSet::new();
+    for _ in 0..5 {
+        submitted.insert(app.submit("digits-cnn", digit_input()).await);
+    }
+    submitted.insert(app.submit("minilm-embed", json!({"text": "hello"})).await);
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = app.url("/v1/jobs?limit=2");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = app.client.get(url).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+        pages += 1;
+        for job in page["data"].as_array().unwrap() {
+            seen.push(job["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 6);
+    assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), submitted);
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first");
+
+    let filtered: Value = app
+        .client
+        .get(app.url("/v1/jobs?model=minilm-embed&status=queued"))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
+    let none: Value = app
+        .client
+        .get(app.url("/v1/jobs?status=succeeded"))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(none["data"].as_array().unwrap().is_empty());
+
+    let bad = app.client.get(app.url("/v1/jobs?status=done")).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let bad = app.client.get(app.url("/v1/jobs?limit=1000")).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_422_problems_naming_the_field() {
+    let app = spawn_app_with(no_worker()).await;
+    let cases = [
+        (json!({"model": "digits-cnn", "input": {"pixels": vec![0; 63]}}), "/input/pixels"),
+        (json!({"model": "digits-cnn", "input": {"pixels": [[0]]}}), "/input/pixels"),
+        (json!({"model": "digits-cnn", "input": {"pixels": vec![17; 64]}}), "/input/pixels/0"),
+        (json!({"model": "minilm-embed", "input": {"text": ""}}), "/input/text"),
+        (json!({"model": "minilm-embed", "input": {"text": "x".repeat(8193)}}), "/input/text"),
+        (json!({"model": "minilm-embed", "input": {"txt": "hello"}}), "/input"),
+    ];
+    for (body, pointer) in cases {
+        let response = app.post_job(&body).await;
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_input");
+        assert_eq!(problem["status"], 422);
+        let pointers: Vec<&str> =
+            problem["errors"].as_array().unwrap().iter().map(|e| e["pointer"].as_str().unwrap()).collect();
+        assert!(pointers.contains(&pointer), "{pointer} not in {pointers:?}");
+    }
+    // Nothing was queued.
+    let listed: Value =
+        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    assert!(listed["data"].as_array().unwrap().is_empty());
+
+    let malformed = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = malformed.json().await.unwrap();
+    assert_eq!(problem["code"], "invalid_body");
+
+    // An oversized body is refused from its Content-Length, before it is read: send
+    // only the head, as a client would that waits for an early answer.
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        app.token,
+        2 * 1024 * 1024
+    );
+    let response = raw_http(&app.address, head.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("application/problem+json"), "{response}");
+    assert!(response.contains("\"code\":\"body_too_large\""), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_models_and_jobs_and_other_users_jobs_are_404() {
+    let app = spawn_app_with(no_worker()).await;
+    let response = app.post_job(&json!({"model": "gpt-17", "input": {}})).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.json::<Value>().await.unwrap()["code"], "model_not_found");
+
+    for id in [Uuid::now_v7().to_string(), "not-a-uuid".to_owned()] {
+        let response = app.get_job(&id).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.json::<Value>().await.unwrap()["code"], "job_not_found");
+    }
+
+    let id = app.submit("digits-cnn", digit_input()).await;
+    let (_, stranger) = app.new_user_with_token(&[Scope::JobsRead, Scope::JobsWrite]).await;
+    let peek = app.client.get(app.url(&format!("/v1/jobs/{id}"))).bearer_auth(&stranger).send().await.unwrap();
+    assert_eq!(peek.status(), StatusCode::NOT_FOUND);
+    let cancel =
+        app.client.post(app.url(&format!("/v1/jobs/{id}/cancel"))).bearer_auth(&stranger).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::NOT_FOUND);
+    let listed: Value =
+        app.client.get(app.url("/v1/jobs")).bearer_auth(&stranger).send().await.unwrap().json().await.unwrap();
+    assert!(listed["data"].as_array().unwrap().is_empty());
+}
+
+/// Sends raw bytes and returns what the server answers within a second.
+async fn raw_http(address: &str, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://")).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut received = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..n]);
+        if received.windows(4).any(|w| w == b"\r\n\r\n") && received.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}

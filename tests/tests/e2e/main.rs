@@ -1,0 +1,10 @@
+//! End-to-end tests against real PostgreSQL, RabbitMQ and Redis (one binary, as
+//! zero2prod does: shared harness, one compile).
+#![allow(clippy::unwrap_used)]
+
+mod auth;
+mod failures;
+mod http;
+mod inference;
+mod jobs;
+mod reliability;

@@ -1,0 +1,157 @@
+//! Nothing accepted is lost: the outbox relay publishes jobs the API could not, and a
+//! job whose worker died mid-batch completes exactly once elsewhere.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_tests::{AppOptions, StatusCode, TestApp, test_settings};
+use spool_worker::store::{self, Completion, Outcome};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_accepted_while_the_broker_is_unreachable_runs_after_an_api_restart() {
+    let settings = test_settings().await;
+    // The first API cannot reach RabbitMQ at all (nothing listens on port 1).
+    let options = AppOptions {
+        worker_models: vec!["digits-cnn"],
+        api_amqp_url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+    };
+    let mut app = TestApp::start(settings.clone(), options).await;
+    let response = app.post_job(&json!({"model": "digits-cnn", "input": {"pixels": vec![3; 64]}})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let unpublished = app
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT published_at IS NULL AS pending FROM jobs WHERE id = '{id}'"),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(unpublished.try_get::<bool>("", "pending").unwrap(), "job must wait in the outbox");
+
+    // "Crash" that API; a new one with a working broker relays the job.
+    app.restart_api(settings).await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_crashed_completes_exactly_once() {
+    let settings = test_settings().await;
+    let mut app = TestApp::start(settings.clone(), AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let id: Uuid = app.submit("digits-cnn", json!({"pixels": vec![5; 64]})).await.parse().unwrap();
+
+    // A "worker" takes the message and claims the job, then dies without acking.
+    let topology = Topology::new(&settings);
+    let connection = lapin::Connection::connect(settings.amqp_url.expose_secret(), Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            topology.job_queue("digits-cnn").as_str().into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(JobEnvelope::from_bytes(&delivery.data).unwrap().job_id, id);
+    let claimed = store::claim(&app.db, &[id], &[], "doomed-worker").await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let doomed_attempt = claimed[0].attempt;
+    connection.close(320, "simulated crash".into()).await.unwrap();
+
+    // A healthy worker gets the redelivered message and takes the running job over.
+    app.start_worker(&["digits-cnn"]).await;
+    let job = app.wait_finished(&id.to_string(), Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2);
+    let output = job["output"].clone();
+
+    // The dead worker's late write of its attempt changes nothing.
+    let stale = Completion {
+        id,
+        attempt: doomed_attempt,
+        outcome: Outcome::Succeeded(json!({"label": 9, "probabilities": []})),
+    };
+    assert_eq!(store::complete(&app.db, &[stale], 1.0).await.unwrap(), 0);
+    let job: Value = app.get_job(&id.to_string()).await.json().await.unwrap();
+    assert_eq!(job["output"], output);
+    assert_eq!(job["attempts"], 2);
+    app.stop_worker().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_stream_leaves_no_job_behind() {
+    let mut app = TestApp::start(test_settings().await, AppOptions::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..150 {
+        ids.push(app.submit("digits-cnn", json!({"pixels": vec![i % 17; 64]})).await);
+    }
+    // Graceful stop while jobs are still flowing: finish the batches in hand, ack, exit.
+    app.stop_worker().await;
+    let stuck = app
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM jobs WHERE status = 'running'".to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(stuck, 0, "a graceful stop must not leave jobs running");
+
+    app.start_worker(&["digits-cnn"]).await;
+    for id in &ids {
+        let job = app.wait_finished(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "no job needed a second attempt: {job}");
+    }
+}
+
+/// Closes the broker side of every connection whose name contains `needle`, as a
+/// broker restart or network cut would.
+fn close_broker_connections(needle: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|line| line.contains(needle)) {
+        let pid = line.split('\t').next().unwrap_or_default();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test: simulated broker failure"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_after_losing_the_broker() {
+    let app = TestApp::start(test_settings().await, AppOptions::default()).await;
+    let first = app.submit("digits-cnn", json!({"pixels": vec![1; 64]})).await;
+    assert_eq!(app.wait_finished(&first, Duration::from_secs(30)).await["status"], "succeeded");
+
+    let worker_id = app.settings.worker.id.clone().unwrap();
+    assert_eq!(close_broker_connections(&format!("spool-worker {worker_id}")), 1);
+
+    let second = app.submit("digits-cnn", json!({"pixels": vec![2; 64]})).await;
+    let job = app.wait_finished(&second, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}

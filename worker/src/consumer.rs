@@ -1,0 +1,441 @@
+//! One model's consumer: pull deliveries, form batches, run them, write results, ack.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use sea_orm::DatabaseConnection;
+use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::job::JobError;
+use spool_shared::retry::{RetryDecision, RetryPolicy};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::batcher::next_batch;
+use crate::runtime::ModelHandle;
+use crate::store::{self, Completion, Outcome};
+
+/// What every batch of every model shares.
+pub struct WorkerContext {
+    pub db: DatabaseConnection,
+    pub topology: Topology,
+    pub worker_id: String,
+    pub batches_in_flight: usize,
+    /// Fault injection (tests, drills): inputs containing it fail as a broken model would.
+    pub fail_marker: Option<String>,
+    /// Longest one forward may take.
+    pub execution_timeout: Duration,
+}
+
+/// How a model batches and retries, after configuration overrides.
+#[derive(Debug, Clone)]
+pub struct BatchPolicy {
+    pub max_size: usize,
+    pub max_delay: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// What one batch needs besides its deliveries.
+struct BatchContext<'a> {
+    worker: &'a WorkerContext,
+    model: &'a ModelHandle,
+    retry: &'a RetryPolicy,
+    /// Confirmed publishes of retries and dead letters.
+    publisher: &'a Channel,
+    shutdown: &'a CancellationToken,
+}
+
+/// Why one consuming session ended.
+enum Ended {
+    /// Shutdown, or the broker ended the consumer.
+    Done,
+    /// The model's breaker opened: pause this long, then consume again (probing).
+    BreakerOpen(Duration),
+}
+
+/// Consumes the model's queue until `shutdown` fires. When the model's breaker opens,
+/// the channel is closed (its unacked messages go back to the queue, for healthy
+/// workers) and consuming resumes once the breaker lets probes through.
+pub async fn consume(
+    context: Arc<WorkerContext>,
+    connection: &Connection,
+    model: ModelHandle,
+    policy: BatchPolicy,
+    shutdown: CancellationToken,
+) -> lapin::Result<()> {
+    loop {
+        match consume_session(&context, connection, &model, &policy, &shutdown).await? {
+            Ended::Done => return Ok(()),
+            Ended::BreakerOpen(pause) => {
+                tracing::warn!(model = %model.spec.name, ?pause, "model breaker open: stopped consuming");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                tracing::info!(model = %model.spec.name, "model breaker half-open: probing");
+            }
+        }
+    }
+}
+
+/// One channel's worth of consuming: until shutdown, the broker ends it, or the breaker
+/// opens. Finishes the batches already received, acks them and closes the channel.
+async fn consume_session(
+    context: &Arc<WorkerContext>,
+    connection: &Connection,
+    model: &ModelHandle,
+    policy: &BatchPolicy,
+    shutdown: &CancellationToken,
+) -> lapin::Result<Ended> {
+    let channel = connection.create_channel().await?;
+    let publisher = connection.create_channel().await?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    // Enough unacked messages to fill every batch in flight, no more: the rest stay in
+    // the queue for other workers.
+    let prefetch = (policy.max_size * context.batches_in_flight).min(u16::MAX as usize) as u16;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let queue = context.topology.job_queue(&model.spec.name);
+    let tag = format!("{}/{}", context.worker_id, model.spec.name);
+    let mut deliveries = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(model = %model.spec.name, queue, prefetch, max_batch = policy.max_size, "consuming");
+
+    // On shutdown: cancel the consumer so the broker sends nothing more, finish the
+    // batches already started, and close. Messages prefetched but not yet in a batch
+    // are unacked, so the broker hands them to another worker.
+    let cancel_channel = channel.clone();
+    let cancel_tag = tag.clone();
+    let cancel_on = shutdown.clone();
+    let canceller = tokio::spawn(async move {
+        cancel_on.cancelled().await;
+        if let Err(error) = cancel_channel.basic_cancel(cancel_tag.as_str().into(), BasicCancelOptions::default()).await
+        {
+            tracing::warn!(%error, "basic.cancel failed");
+        }
+    });
+
+    let slots = Arc::new(Semaphore::new(context.batches_in_flight));
+    let mut batches = JoinSet::new();
+    let mut stream_error = None;
+    let mut ended = Ended::Done;
+    loop {
+        let permit = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed. This is a bug.");
+        if let Some(pause) = model.with_breaker(|b| b.retry_after(Instant::now())) {
+            ended = Ended::BreakerOpen(pause);
+            break;
+        }
+        let Some(items) = next_batch(&mut deliveries, policy.max_size, policy.max_delay, shutdown).await else {
+            break;
+        };
+        let mut batch = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Ok(delivery) => batch.push(delivery),
+                Err(error) => stream_error = Some(error),
+            }
+        }
+        let context = Arc::clone(context);
+        let model = model.clone();
+        let retry = policy.retry.clone();
+        let publisher = publisher.clone();
+        let shutdown = shutdown.clone();
+        batches.spawn(async move {
+            let batch_context = BatchContext {
+                worker: &context,
+                model: &model,
+                retry: &retry,
+                publisher: &publisher,
+                shutdown: &shutdown,
+            };
+            process_batch(&batch_context, batch).await;
+            drop(permit);
+        });
+        if stream_error.is_some() {
+            break;
+        }
+    }
+    while batches.join_next().await.is_some() {}
+    canceller.abort();
+    close(&channel).await;
+    close(&publisher).await;
+    match stream_error {
+        Some(error) => Err(error),
+        None => Ok(ended),
+    }
+}
+
+async fn close(channel: &Channel) {
+    if let Err(error) = channel.close(200, "worker stopping".into()).await {
+        tracing::debug!(%error, "channel already closed");
+    }
+}
+
+/// Claims, runs and records one batch, then acks its messages.
+async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
+    let (context, model) = (batch.worker, batch.model);
+    let mut by_job: HashMap<Uuid, Vec<Delivery>> = HashMap::with_capacity(deliveries.len());
+    let mut redelivered = Vec::new();
+    for delivery in deliveries {
+        match JobEnvelope::from_bytes(&delivery.data) {
+            Ok(envelope) if envelope.model == model.spec.name => {
+                if delivery.redelivered {
+                    redelivered.push(envelope.job_id);
+                }
+                by_job.entry(envelope.job_id).or_default().push(delivery);
+            }
+            _ => {
+                tracing::warn!(model = %model.spec.name, "unreadable message; dead-lettering it");
+                reject(delivery).await;
+            }
+        }
+    }
+    if by_job.is_empty() {
+        return;
+    }
+    let ids: Vec<Uuid> = by_job.keys().copied().collect();
+    let span = tracing::info_span!("batch", model = %model.spec.name, size = ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
+    async {
+        let claim = || store::claim(&context.db, &ids, &redelivered, &context.worker_id);
+        let Some(claimed) = until_db_answers(batch.shutdown, "claim", claim).await else {
+            return; // shutting down: the unacked messages go back to the queue
+        };
+        tracing::Span::current().record("claimed", claimed.len());
+        // Canceled, finished or foreign jobs: nothing to run, only the message to settle.
+        let claimed_ids: HashSet<Uuid> = claimed.iter().map(|job| job.id).collect();
+        let (owned, settled): (Vec<_>, Vec<_>) = by_job.into_iter().partition(|(id, _)| claimed_ids.contains(id));
+        ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
+        if claimed.is_empty() {
+            return;
+        }
+
+        let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
+            claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
+        // Half-open lets a few probe batches through; anything else waits in the queue.
+        if !model.with_breaker(|b| b.try_acquire(Instant::now())) {
+            requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
+            return;
+        }
+        let started = Instant::now();
+        let results = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
+        // The model is healthy when nothing failed for a runtime (retryable) reason.
+        let healthy = !results.iter().any(|r| matches!(r, Err(error) if error.retryable));
+        model.with_breaker(|b| b.record(healthy, Instant::now()));
+        let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::Span::current().record("inference_ms", inference_ms);
+        let completions: Vec<Completion> = ids_attempts
+            .into_iter()
+            .zip(results)
+            .map(|((id, attempt), result)| Completion { id, attempt, outcome: decide(batch.retry, result, attempt) })
+            .collect();
+        // Retries and dead letters are published (and confirmed) before the commit: a crash
+        // in between leaves the original message unacked, and its redelivery reruns the
+        // job; the extra copy finds the job no longer claimable and is dropped.
+        if let Err(error) = publish_failures(batch, &completions).await {
+            tracing::error!(%error, "cannot publish retries; returning jobs to the queue");
+            requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
+            return;
+        }
+        let deliveries = owned.into_iter().flat_map(|(_, d)| d);
+        let record = || store::complete(&context.db, &completions, inference_ms);
+        // On shutdown mid-outage the messages are not acked: their redelivery finds the
+        // jobs still `running` and runs them again.
+        if let Some(written) = until_db_answers(batch.shutdown, "record results", record).await {
+            tracing::debug!(written, "batch recorded");
+            record_metrics(&model.spec.name, &completions);
+            ack_all(deliveries).await;
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Retries a database operation with backoff until it succeeds, holding the batch's
+/// messages unacked meanwhile: a PostgreSQL outage pauses this consumer (its batch slots
+/// stay taken, so it takes no more messages) instead of bouncing messages through the
+/// queue until their delivery limit dead-letters them. `None` when shutdown comes first.
+async fn until_db_answers<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut operation: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match operation().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                tracing::error!(error.cause_chain = ?error, what, retry_in = ?backoff, "database unavailable; holding the batch");
+                metrics::counter!("spool_worker_database_errors_total").increment(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs the batch; inputs carrying the fault-injection marker fail as a broken model
+/// would, and a failed forward fails every item with a retryable error.
+async fn run_model(
+    model: &ModelHandle,
+    inputs: Vec<serde_json::Value>,
+    fail_marker: Option<&str>,
+    timeout: Duration,
+) -> Vec<Result<serde_json::Value, JobError>> {
+    let injected = |input: &serde_json::Value| fail_marker.is_some_and(|marker| input.to_string().contains(marker));
+    let marked: Vec<bool> = inputs.iter().map(injected).collect();
+    let healthy: Vec<serde_json::Value> =
+        inputs.into_iter().zip(&marked).filter(|(_, m)| !**m).map(|(i, _)| i).collect();
+    let healthy_count = healthy.len();
+    let mut outputs = if healthy.is_empty() {
+        Vec::new()
+    } else {
+        match tokio::time::timeout(timeout, model.infer(healthy)).await {
+            Ok(Ok(output)) => output.results,
+            Ok(Err(error)) => {
+                tracing::error!(error.cause_chain = ?error, "batch forward failed");
+                vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count]
+            }
+            Err(_) => {
+                tracing::error!(?timeout, "batch forward timed out");
+                let message = format!("the forward took longer than {} ms", timeout.as_millis());
+                vec![Err(JobError::retryable("timeout", message)); healthy_count]
+            }
+        }
+    }
+    .into_iter();
+    marked
+        .into_iter()
+        .map(|is_marked| {
+            if is_marked {
+                Err(JobError::retryable("injected_fault", "the model failed on this input (fault injection)"))
+            } else {
+                outputs.next().unwrap_or_else(|| Err(JobError::retryable("inference_error", "missing result")))
+            }
+        })
+        .collect()
+}
+
+fn decide(policy: &RetryPolicy, result: Result<serde_json::Value, JobError>, attempt: i32) -> Outcome {
+    match result {
+        Ok(output) => Outcome::Succeeded(output),
+        Err(error) => match policy.decide(&error, attempt.max(1) as u32, rand::random::<f64>()) {
+            RetryDecision::Retry { tier } => Outcome::Retrying { error, tier },
+            RetryDecision::DeadLetter => Outcome::DeadLettered(error),
+            RetryDecision::Fail => Outcome::Failed(error),
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PublishFailure {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the message")]
+    Nacked,
+}
+
+/// Sends retrying jobs to their backoff tier and dead letters to the dead-letter queue,
+/// waiting for every confirm.
+async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) -> Result<(), PublishFailure> {
+    let topology = &batch.worker.topology;
+    let model = batch.model.spec.name.as_str();
+    let mut confirms = Vec::new();
+    for completion in completions {
+        let (exchange, headers) = match &completion.outcome {
+            Outcome::Retrying { tier, .. } => {
+                let delay = topology.retry_tiers().get(*tier).copied().unwrap_or(Duration::from_secs(1));
+                (topology.retry_exchange(delay), FieldTable::default())
+            }
+            Outcome::DeadLettered(error) => {
+                let mut headers = FieldTable::default();
+                headers.insert("x-spool-reason".into(), AMQPValue::LongString("max_attempts".into()));
+                headers.insert("x-spool-attempts".into(), AMQPValue::LongInt(completion.attempt));
+                headers.insert("x-spool-error-code".into(), AMQPValue::LongString(error.code.as_str().into()));
+                headers.insert("x-spool-error".into(), AMQPValue::LongString(error.message.as_str().into()));
+                (topology.dead_exchange(), headers)
+            }
+            _ => continue,
+        };
+        let envelope = JobEnvelope::new(completion.id, model);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirm = batch
+            .publisher
+            .basic_publish(
+                exchange.as_str().into(),
+                model.into(),
+                BasicPublishOptions::default(),
+                &envelope.to_bytes(),
+                properties,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        let confirmation = confirm.await?;
+        if !confirmation.is_ack() {
+            return Err(PublishFailure::Nacked);
+        }
+    }
+    Ok(())
+}
+
+fn record_metrics(model: &str, completions: &[Completion]) {
+    metrics::histogram!("spool_worker_batch_size", "model" => model.to_owned()).record(completions.len() as f64);
+    for completion in completions {
+        let outcome = match &completion.outcome {
+            Outcome::Succeeded(_) => "succeeded",
+            Outcome::Failed(_) => "failed",
+            Outcome::DeadLettered(_) => "dead_lettered",
+            Outcome::Retrying { .. } => "retrying",
+        };
+        metrics::counter!("spool_worker_jobs_total", "model" => model.to_owned(), "outcome" => outcome).increment(1);
+    }
+}
+
+async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
+    for delivery in deliveries {
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            // The broker will redeliver it; the conditional writes make that harmless.
+            tracing::warn!(%error, "ack failed");
+        }
+    }
+}
+
+async fn requeue_later(deliveries: impl Iterator<Item = Delivery>) {
+    // A short pause so that a database outage does not turn into a hot redelivery loop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for delivery in deliveries {
+        let options = BasicNackOptions { requeue: true, ..Default::default() };
+        if let Err(error) = delivery.nack(options).await {
+            tracing::warn!(%error, "nack failed");
+        }
+    }
+}
+
+async fn reject(delivery: Delivery) {
+    let options = BasicNackOptions { requeue: false, ..Default::default() };
+    if let Err(error) = delivery.nack(options).await {
+        tracing::warn!(%error, "nack failed");
+    }
+}

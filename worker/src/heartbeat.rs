@@ -1,0 +1,89 @@
+//! The worker announces itself in Redis every few seconds: which models it serves and
+//! the state of each model's breaker. The API reads these to list workers and to refuse
+//! jobs for a model whose every worker has its breaker open.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use spool_shared::Settings;
+use spool_shared::breaker::BreakerState;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::ModelHandle;
+
+/// Key of a worker's heartbeat (`<redis_prefix>:worker:<id>`).
+pub fn key(prefix: &str, worker_id: &str) -> String {
+    format!("{prefix}:worker:{worker_id}")
+}
+
+/// Writes the heartbeat until shutdown, then removes it. Redis being down only means
+/// the API cannot see this worker for a while: it logs and keeps trying.
+pub async fn run(
+    settings: Settings,
+    worker_id: String,
+    device: String,
+    models: Vec<ModelHandle>,
+    shutdown: CancellationToken,
+) {
+    let interval = Duration::from_millis(settings.worker.heartbeat_interval_ms.max(100));
+    let ttl_ms = (interval * 5).as_millis() as u64;
+    let key = key(&settings.redis_prefix, &worker_id);
+    let started_at = Utc::now();
+    let client = match redis::Client::open(settings.redis_url.expose_secret()) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "invalid redis_url; no heartbeats");
+            return;
+        }
+    };
+    let mut connection = None;
+    loop {
+        let breakers: serde_json::Map<String, serde_json::Value> = models
+            .iter()
+            .map(|m| {
+                let state = m.breaker_state();
+                // 0 closed, 1 half-open, 2 open: alert on a value of 2 that lasts.
+                let level = match state {
+                    BreakerState::Closed => 0.0,
+                    BreakerState::HalfOpen => 1.0,
+                    BreakerState::Open => 2.0,
+                };
+                metrics::gauge!("spool_worker_breaker_state", "model" => m.spec.name.clone()).set(level);
+                (m.spec.name.clone(), json!({"breaker": state.as_str()}))
+            })
+            .collect();
+        let beat = json!({
+            "worker_id": worker_id, "device": device, "models": breakers,
+            "started_at": started_at, "seen_at": Utc::now(),
+        });
+        if connection.is_none() {
+            connection = tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        if let Some(conn) = connection.as_mut() {
+            let mut command = redis::cmd("SET");
+            command.arg(&key).arg(beat.to_string()).arg("PX").arg(ttl_ms);
+            let written = tokio::time::timeout(Duration::from_secs(1), command.query_async::<()>(conn)).await;
+            let failure = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some("timeout".to_owned()),
+            };
+            if let Some(error) = failure {
+                tracing::warn!(%error, "heartbeat not written");
+                connection = None;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    if let Some(conn) = connection.as_mut() {
+        let _ = redis::cmd("DEL").arg(&key).query_async::<()>(conn).await;
+    }
+}

@@ -1,0 +1,131 @@
+//! The model thread: libtorch calls block, so each model lives on a dedicated OS thread
+//! fed by a channel of commands, each with a tracing span and a one-shot reply.
+//! The cheap `ModelHandle` is what async code holds.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use spool_shared::breaker::{BreakerSettings, BreakerState, CircuitBreaker};
+use spool_shared::manifest::ModelSpec;
+use tch::Device;
+use tokio::sync::oneshot;
+
+use crate::engine::{self, Engine, EngineError, ItemResult};
+
+/// What one forward produced, with how long it took.
+pub struct BatchOutput {
+    pub results: Vec<ItemResult>,
+    pub inference_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the model thread of {0} has stopped")]
+    Stopped(String),
+}
+
+struct Command {
+    inputs: Vec<Value>,
+    span: tracing::Span,
+    reply: oneshot::Sender<Result<BatchOutput, EngineError>>,
+}
+
+#[derive(Clone)]
+pub struct ModelHandle {
+    pub spec: Arc<ModelSpec>,
+    /// Guards the model's runtime; shared by its consumer and the heartbeat.
+    pub breaker: Arc<std::sync::Mutex<CircuitBreaker>>,
+    commands: mpsc::SyncSender<Command>,
+}
+
+impl ModelHandle {
+    /// Starts the model's thread, loads the model there and runs one warm-up forward.
+    /// Returns once the model is ready (or failed to load).
+    pub async fn start(spec: ModelSpec, device: Device, breaker: BreakerSettings) -> Result<Self, RuntimeError> {
+        let spec = Arc::new(spec);
+        // Room for the batches in flight; a full channel makes senders wait, which is the
+        // back-pressure we want.
+        let (commands, receiver) = mpsc::sync_channel::<Command>(4);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_spec = Arc::clone(&spec);
+        std::thread::Builder::new()
+            .name(format!("model-{}", spec.name))
+            .spawn(move || model_thread(&thread_spec, device, receiver, ready_tx))
+            .map_err(|_| RuntimeError::Stopped(spec.name.clone()))?;
+        ready_rx.await.map_err(|_| RuntimeError::Stopped(spec.name.clone()))??;
+        let breaker = Arc::new(std::sync::Mutex::new(CircuitBreaker::new(breaker)));
+        Ok(Self { spec, breaker, commands })
+    }
+
+    /// The breaker's state now.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.with_breaker(|b| b.state(Instant::now()))
+    }
+
+    /// Runs `f` on the breaker (a poisoned lock is recovered: the state stays coherent).
+    pub fn with_breaker<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut breaker)
+    }
+
+    /// Runs one forward over `inputs` on the model thread.
+    pub async fn infer(&self, inputs: Vec<Value>) -> Result<BatchOutput, RuntimeError> {
+        let (reply, response) = oneshot::channel();
+        let command = Command { inputs, span: tracing::Span::current(), reply };
+        let commands = self.commands.clone();
+        // SyncSender::send blocks while the queue is full: keep it off the async threads.
+        tokio::task::spawn_blocking(move || commands.send(command))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| RuntimeError::Stopped(self.spec.name.clone()))?;
+        Ok(response.await.map_err(|_| RuntimeError::Stopped(self.spec.name.clone()))??)
+    }
+}
+
+fn model_thread(
+    spec: &ModelSpec,
+    device: Device,
+    commands: mpsc::Receiver<Command>,
+    ready: oneshot::Sender<Result<(), EngineError>>,
+) {
+    let started = Instant::now();
+    let mut engine = match engine::load(spec, device) {
+        Ok(engine) => engine,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    if let Err(error) = warm_up(engine.as_mut()) {
+        let _ = ready.send(Err(error));
+        return;
+    }
+    tracing::info!(model = %spec.name, ?device, load_ms = started.elapsed().as_millis() as u64, "model loaded and warmed up");
+    let _ = ready.send(Ok(()));
+    // Ends when every handle is dropped.
+    while let Ok(command) = commands.recv() {
+        let _entered = command.span.enter();
+        let started = Instant::now();
+        let output =
+            engine.infer(&command.inputs).map(|results| BatchOutput { results, inference_time: started.elapsed() });
+        let _ = command.reply.send(output);
+    }
+}
+
+fn warm_up(engine: &mut dyn Engine) -> Result<(), EngineError> {
+    // A few passes at different sizes let libtorch settle its allocations and kernels.
+    for size in [1, 4] {
+        let inputs = vec![engine.sample_input(); size];
+        for result in engine.infer(&inputs)? {
+            if let Err(error) = result {
+                tracing::warn!(code = %error.code, message = %error.message, "warm-up input rejected");
+            }
+        }
+    }
+    Ok(())
+}

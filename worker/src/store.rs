@@ -1,0 +1,143 @@
+//! The worker's database writes: claim a batch of jobs, then record all their results in
+//! one statement. Both transitions are conditional, so a redelivered message can never
+//! complete a job twice.
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+use serde_json::{Value, json};
+use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
+use uuid::Uuid;
+
+/// A job this worker now owns for one attempt.
+#[derive(Debug)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub input: Value,
+    /// The attempt number this claim started; results are written only for it.
+    pub attempt: i32,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded(Value),
+    /// Final: not retryable.
+    Failed(JobError),
+    /// Final: retryable but out of attempts.
+    DeadLettered(JobError),
+    /// Back to `queued`; its message waits in retry tier `tier`.
+    Retrying {
+        error: JobError,
+        tier: usize,
+    },
+}
+
+/// The result of one claimed job.
+pub struct Completion {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub outcome: Outcome,
+}
+
+impl Completion {
+    fn row(&self) -> Value {
+        let (status, outcome, output, error, dead) = match &self.outcome {
+            Outcome::Succeeded(output) => ("succeeded", "succeeded", Some(output), None, false),
+            Outcome::Failed(error) => ("failed", "failed", None, Some(error), false),
+            Outcome::DeadLettered(error) => ("failed", "dead_lettered", None, Some(error), true),
+            Outcome::Retrying { error, .. } => ("queued", "retry", None, Some(error), false),
+        };
+        json!({
+            "id": self.id, "attempt": self.attempt, "status": status, "outcome": outcome,
+            "output": output, "error": error, "dead_lettered": dead,
+        })
+    }
+}
+
+/// Moves `queued` jobs to `running`. A job already `running` is taken over only when its
+/// message was redelivered (its previous worker died before acking). Canceled and
+/// finished jobs are not returned: their messages only need an ack. Queued jobs past
+/// their time-to-start deadline are failed with `deadline_exceeded` instead, unrun.
+pub async fn claim(
+    db: &DatabaseConnection,
+    ids: &[Uuid],
+    redelivered: &[Uuid],
+    worker_id: &str,
+) -> Result<Vec<ClaimedJob>, DbErr> {
+    let statement = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"WITH expired AS (
+               UPDATE jobs
+                  SET status = 'failed', completed_at = now(),
+                      error = jsonb_build_object('code', 'deadline_exceeded', 'retryable', false,
+                          'message', 'the job did not start before its deadline')
+                WHERE id = ANY($1) AND status = 'queued' AND start_deadline < now()
+            RETURNING id, pg_notify($4, id::text))
+           UPDATE jobs
+              SET status = 'running',
+                  attempts = attempts + 1,
+                  started_at = now(),
+                  worker_id = $3,
+                  queue_ms = EXTRACT(EPOCH FROM (now() - created_at)) * 1000
+            WHERE id = ANY($1) AND id NOT IN (SELECT id FROM expired)
+              AND (status = 'queued' OR (status = 'running' AND id = ANY($2)))
+        RETURNING id, input, attempts"#,
+        [ids.to_vec().into(), redelivered.to_vec().into(), worker_id.into(), JOB_DONE_CHANNEL.into()],
+    );
+    db.query_all_raw(statement)
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok(ClaimedJob {
+                id: row.try_get("", "id")?,
+                input: row.try_get("", "input")?,
+                attempt: row.try_get("", "attempts")?,
+            })
+        })
+        .collect()
+}
+
+/// Writes every result of one batch in a single statement: final states, retries (back
+/// to `queued`), the attempt history, the owners' usage counters, and a notice on
+/// [`JOB_DONE_CHANNEL`] for each finished job (delivered at commit). Rows whose job was
+/// canceled, or whose attempt was taken over by another worker, are left alone.
+/// Returns how many jobs were written.
+pub async fn complete(db: &DatabaseConnection, completions: &[Completion], inference_ms: f64) -> Result<u64, DbErr> {
+    let rows: Vec<Value> = completions.iter().map(Completion::row).collect();
+    let statement = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"WITH done AS (
+               UPDATE jobs
+                  SET status = u.status,
+                      output = u.output,
+                      error = u.error,
+                      dead_lettered = u.dead_lettered,
+                      completed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
+                      inference_ms = $2,
+                      batch_size = $3,
+                      attempt_log = jobs.attempt_log || jsonb_build_array(jsonb_build_object(
+                          'attempt', jobs.attempts, 'worker_id', jobs.worker_id,
+                          'started_at', jobs.started_at, 'finished_at', now(),
+                          'outcome', u.outcome, 'error', u.error))
+                 FROM jsonb_to_recordset($1::jsonb)
+                      AS u(id uuid, attempt integer, status text, outcome text, output jsonb,
+                           error jsonb, dead_lettered boolean)
+                WHERE jobs.id = u.id AND jobs.status = 'running' AND jobs.attempts = u.attempt
+            RETURNING jobs.id, jobs.owner_id, jobs.model, jobs.status),
+           counted AS (
+               INSERT INTO usage (user_id, model, succeeded, failed, inference_ms_total)
+               SELECT owner_id, model,
+                      count(*) FILTER (WHERE status = 'succeeded'),
+                      count(*) FILTER (WHERE status = 'failed'),
+                      $2 * count(*)
+                 FROM done WHERE status <> 'queued' GROUP BY owner_id, model
+                ORDER BY owner_id, model -- one lock order for every batch: no deadlocks
+               ON CONFLICT (user_id, model) DO UPDATE
+                  SET succeeded = usage.succeeded + EXCLUDED.succeeded,
+                      failed = usage.failed + EXCLUDED.failed,
+                      inference_ms_total = usage.inference_ms_total + EXCLUDED.inference_ms_total,
+                      last_used_at = now())
+           SELECT id, CASE WHEN status <> 'queued' THEN pg_notify($4, id::text) END FROM done"#,
+        [Value::Array(rows).into(), inference_ms.into(), (completions.len() as i32).into(), JOB_DONE_CHANNEL.into()],
+    );
+    Ok(db.query_all_raw(statement).await?.len() as u64)
+}
