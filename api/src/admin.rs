@@ -11,6 +11,7 @@ use crate::publisher::Publisher;
 /// Which dead letters an operator means.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterFilter {
+    pub job_id: Option<Uuid>,
     pub model: Option<String>,
     pub error_code: Option<String>,
     pub since: Option<chrono::DateTime<chrono::Utc>>,
@@ -26,6 +27,9 @@ impl DeadLetterFilter {
             values.push(value);
             conditions.push(condition.replace('?', &format!("${}", first + values.len() - 1)));
         };
+        if let Some(id) = self.job_id {
+            add("id = ?", id.into());
+        }
         if let Some(model) = &self.model {
             add("model = ?", model.clone().into());
         }
@@ -42,7 +46,7 @@ impl DeadLetterFilter {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({"model": self.model, "error_code": self.error_code, "since": self.since, "until": self.until})
+        json!({"job_id": self.job_id, "model": self.model, "error_code": self.error_code, "since": self.since, "until": self.until})
     }
 }
 

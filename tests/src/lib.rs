@@ -327,3 +327,47 @@ pub fn token_in_mail(mail: &str) -> String {
         .unwrap_or_else(|| panic!("no token in mail:\n{mail}"))
         .to_owned()
 }
+
+/// What a `spoolctl` run printed, and how it exited.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs the real `spoolctl` binary against `url` with `token` (built once per test run, so
+/// it is never stale). Its user config is pointed at an empty folder.
+pub async fn spoolctl(url: &str, token: &str, args: &[&str]) -> CliRun {
+    static BUILT: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+    let binary = BUILT
+        .get_or_init(|| async {
+            let status = tokio::process::Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "spool-api", "--bin", "spoolctl"])
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success(), "cannot build spoolctl");
+            // tests/…/target/<profile>/deps/e2e-… → target/<profile>/spoolctl
+            std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("spoolctl")
+        })
+        .await;
+    let output = tokio::process::Command::new(binary)
+        .args(args)
+        .env("SPOOL_URL", url)
+        .env("SPOOL_TOKEN", token)
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("spoolctl-tests-no-config"))
+        .output()
+        .await
+        .unwrap();
+    CliRun {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into(),
+        stderr: String::from_utf8_lossy(&output.stderr).into(),
+    }
+}

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::web::Data;
-use poem_openapi::param::Query;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
@@ -27,6 +27,21 @@ pub struct DeadLetter {
     /// Every attempt: `{attempt, worker_id, started_at, finished_at, outcome, error}`.
     pub attempt_log: serde_json::Value,
     pub failed_at: Option<DateTime<Utc>>,
+}
+
+impl From<admin::DeadLetter> for DeadLetter {
+    fn from(d: admin::DeadLetter) -> Self {
+        Self {
+            job_id: d.job_id,
+            owner_id: d.owner_id,
+            model: d.model,
+            input_summary: d.input_summary,
+            attempts: d.attempts,
+            error: d.error,
+            attempt_log: d.attempt_log,
+            failed_at: d.failed_at,
+        }
+    }
 }
 
 #[derive(Object)]
@@ -103,6 +118,12 @@ pub enum ListDeadLettersResponse {
 }
 
 #[derive(ApiResponse)]
+pub enum GetDeadLetterResponse {
+    #[oai(status = 200)]
+    Ok(Json<DeadLetter>),
+}
+
+#[derive(ApiResponse)]
 pub enum AffectedResponse {
     #[oai(status = 200)]
     Ok(Json<Affected>),
@@ -134,22 +155,25 @@ impl AdminApi {
         if !(1..=1000).contains(&limit) {
             return Err(ApiError::InvalidRequest("limit must be between 1 and 1000".into()));
         }
-        let filter = DeadLetterFilter { model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
+        let filter =
+            DeadLetterFilter { job_id: None, model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
         let rows = admin::list(&state.db, &filter, limit).await?;
-        let data = rows
-            .into_iter()
-            .map(|d| DeadLetter {
-                job_id: d.job_id,
-                owner_id: d.owner_id,
-                model: d.model,
-                input_summary: d.input_summary,
-                attempts: d.attempts,
-                error: d.error,
-                attempt_log: d.attempt_log,
-                failed_at: d.failed_at,
-            })
-            .collect();
+        let data = rows.into_iter().map(DeadLetter::from).collect();
         Ok(ListDeadLettersResponse::Ok(Json(DeadLetterList { data })))
+    }
+
+    /// One dead letter with its whole attempt log (operators)
+    #[oai(path = "/dead-letters/:job_id", method = "get", operation_id = "get_dead_letter")]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        job_id: Path<Uuid>,
+    ) -> Result<GetDeadLetterResponse, ApiError> {
+        auth.0.require_operator()?;
+        let filter = DeadLetterFilter { job_id: Some(job_id.0), ..Default::default() };
+        let letter = admin::list(&state.db, &filter, 1).await?.into_iter().next().ok_or(ApiError::JobNotFound)?;
+        Ok(GetDeadLetterResponse::Ok(Json(letter.into())))
     }
 
     /// Live workers and their breakers (operators)
@@ -223,7 +247,8 @@ impl AdminApi {
         until: Query<Option<DateTime<Utc>>>,
     ) -> Result<AffectedResponse, ApiError> {
         auth.0.require_operator()?;
-        let filter = DeadLetterFilter { model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
+        let filter =
+            DeadLetterFilter { job_id: None, model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
         let count = admin::purge(&state.db, auth.0.user_id, &filter).await?;
         Ok(AffectedResponse::Ok(Json(Affected { count })))
     }

@@ -1,0 +1,144 @@
+//! The HTTP side of `spoolctl`: where the API is, the caller's token, and errors that map
+//! onto exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `~/.config/spool/config.toml`; `SPOOL_URL` and `SPOOL_TOKEN` override it.
+#[derive(Debug, Default, Deserialize)]
+pub struct ClientConfig {
+    pub url: Option<String>,
+    pub token: Option<String>,
+}
+
+impl ClientConfig {
+    pub fn path() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+        Some(base.join("spool").join("config.toml"))
+    }
+
+    pub fn load() -> Result<Self, CliError> {
+        let mut config = match Self::path() {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| CliError::Local(format!("reading {}: {e}", path.display())))?;
+                toml::from_str(&text).map_err(|e| CliError::Local(format!("{}: {e}", path.display())))?
+            }
+            _ => Self::default(),
+        };
+        if let Ok(url) = std::env::var("SPOOL_URL") {
+            config.url = Some(url);
+        }
+        if let Ok(token) = std::env::var("SPOOL_TOKEN") {
+            config.token = Some(token);
+        }
+        Ok(config)
+    }
+}
+
+/// Why a command failed; each kind has its own exit code so scripts can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad local input: arguments, files, configuration.
+    #[error("{0}")]
+    Local(String),
+    /// The API answered with a problem (4xx).
+    #[error("{}", describe_problem(.0))]
+    Refused(Value),
+    /// The API could not be reached or failed (network error, 5xx).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            Self::Local(_) => 1,
+            Self::Refused(_) => 3,
+            Self::Unavailable(_) => 4,
+        })
+    }
+}
+
+fn describe_problem(problem: &Value) -> String {
+    let text = |key: &str| problem.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let mut message = format!("{} ({}): {}", text("title"), text("code"), text("detail"));
+    for error in problem.get("errors").and_then(Value::as_array).into_iter().flatten() {
+        let pointer = error.get("pointer").and_then(Value::as_str).unwrap_or_default();
+        let detail = error.get("detail").and_then(Value::as_str).unwrap_or_default();
+        message.push_str(&format!("\n  {pointer}: {detail}"));
+    }
+    message
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn from_config() -> Result<Self, CliError> {
+        let config = ClientConfig::load()?;
+        let base = config.url.unwrap_or_else(|| "http://127.0.0.1:8080".into()).trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Long enough for the longest server-side wait (60 s) plus a margin.
+            .timeout(Duration::from_secs(90))
+            .user_agent(concat!("spoolctl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CliError::Local(format!("HTTP client: {e}")))?;
+        Ok(Self { http, base, token: config.token })
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        self.send(Method::GET, path, query, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, CliError> {
+        self.send(Method::POST, path, &[], Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        self.send(Method::DELETE, path, query, None).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, CliError> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            CliError::Local("no API token: set SPOOL_TOKEN or run `spoolctl login` (see --help)".into())
+        })?;
+        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(token).query(query);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| CliError::Unavailable(format!("{}: {e}", self.base)))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| CliError::Unavailable(e.to_string()))?;
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        match status {
+            s if s.is_success() => Ok(body),
+            s if s.is_client_error() && body.get("code").is_some() => Err(CliError::Refused(body)),
+            StatusCode::SERVICE_UNAVAILABLE if body.get("code").is_some() => {
+                Err(CliError::Unavailable(describe_problem(&body)))
+            }
+            s => Err(CliError::Unavailable(format!("{path}: HTTP {s}"))),
+        }
+    }
+}
