@@ -115,7 +115,7 @@ impl Application {
             limiter,
             signer,
             mailer,
-            workers: WorkerRegistry::new(redis_for_workers),
+            workers: WorkerRegistry::new(redis_for_workers, settings.worker.model_breaker),
             settings: Arc::new(settings),
         };
         Ok(Self { acceptor, port, state, shutdown })

@@ -1,9 +1,11 @@
 //! What the API knows about workers: their heartbeats in Redis (written by each worker
 //! every `worker.heartbeat_interval_ms`, expiring after five missed beats).
 //!
-//! Submissions for a model are refused (`503 model_unavailable`) only when live workers
-//! serve it and every one of them has that model's breaker open. A model with **no live
-//! worker is still accepted**: jobs wait durably in their queue and run when a worker
+//! The API's view of each model is a breaker fed by the heartbeats: submissions are
+//! refused (`503 model_unavailable`, `Retry-After`) when live workers serve the model and
+//! either every one of them has that model's breaker open, or their recent calls taken
+//! together fail at the breaker's rate (several workers each below `min_calls` can still
+//! add up to a clear failure). A model with **no live worker is still accepted**: jobs wait durably in their queue and run when a worker
 //! starts (a deploy or a crash-restart should not fail clients); clients that need a
 //! fast answer use `Prefer: wait=N`. When Redis is unreachable nothing is refused.
 
@@ -13,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::sync::Mutex;
+
+use spool_shared::breaker::BreakerSettings;
 
 use crate::error::ApiError;
 use crate::redis_handle::RedisHandle;
@@ -24,6 +28,9 @@ pub struct WorkerBeat {
     pub worker_id: String,
     pub device: String,
     pub models: BTreeMap<String, ModelBeat>,
+    /// The worker's PostgreSQL breaker (`closed`, `open`, `half_open`).
+    #[serde(default)]
+    pub database: Option<String>,
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub seen_at: chrono::DateTime<chrono::Utc>,
 }
@@ -32,6 +39,55 @@ pub struct WorkerBeat {
 pub struct ModelBeat {
     /// `closed`, `open` or `half_open`.
     pub breaker: String,
+    /// Calls and failures in the worker's current breaker window.
+    #[serde(default)]
+    pub calls: u32,
+    #[serde(default)]
+    pub failures: u32,
+}
+
+/// Whether the API takes jobs for a model, from what its live workers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelHealth {
+    /// No live worker serves it: jobs are accepted and wait in the queue.
+    NoWorker,
+    Accepting,
+    /// Every worker's breaker is open.
+    BreakersOpen,
+    /// The workers' recent calls, taken together, fail at the breaker's rate.
+    Failing,
+}
+
+impl ModelHealth {
+    pub fn assess(model: &str, workers: &[WorkerBeat], breaker: &BreakerSettings) -> Self {
+        let beats: Vec<&ModelBeat> = workers.iter().filter_map(|w| w.models.get(model)).collect();
+        if beats.is_empty() {
+            return Self::NoWorker;
+        }
+        if beats.iter().all(|m| m.breaker == "open") {
+            return Self::BreakersOpen;
+        }
+        let calls: u32 = beats.iter().map(|m| m.calls).sum();
+        let failures: u32 = beats.iter().map(|m| m.failures).sum();
+        if calls as usize >= breaker.min_calls.max(1) && f64::from(failures) / f64::from(calls) >= breaker.failure_rate
+        {
+            return Self::Failing;
+        }
+        Self::Accepting
+    }
+
+    pub fn accepting(self) -> bool {
+        matches!(self, Self::NoWorker | Self::Accepting)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoWorker => "no_worker",
+            Self::Accepting => "accepting",
+            Self::BreakersOpen => "breakers_open",
+            Self::Failing => "failing",
+        }
+    }
 }
 
 /// When the workers were read, and what was read.
@@ -41,11 +97,18 @@ type Snapshot = (Instant, Vec<WorkerBeat>);
 pub struct WorkerRegistry {
     redis: RedisHandle,
     cache: Arc<Mutex<Option<Snapshot>>>,
+    breaker: BreakerSettings,
 }
 
 impl WorkerRegistry {
-    pub fn new(redis: RedisHandle) -> Self {
-        Self { redis, cache: Arc::new(Mutex::new(None)) }
+    /// `breaker`: the workers' model breaker settings, whose rate and minimum the API
+    /// applies to the workers' combined recent calls.
+    pub fn new(redis: RedisHandle, breaker: BreakerSettings) -> Self {
+        Self { redis, cache: Arc::new(Mutex::new(None)), breaker }
+    }
+
+    pub fn health(&self, model: &str, workers: &[WorkerBeat]) -> ModelHealth {
+        ModelHealth::assess(model, workers, &self.breaker)
     }
 
     /// Live workers (cached for a second); `None` when Redis cannot be asked.
@@ -87,15 +150,60 @@ impl WorkerRegistry {
         Some(workers)
     }
 
-    /// Refuses a submission when every live worker serving `model` has its breaker open.
+    /// Refuses a submission for a model that is failing on its workers (see the module
+    /// docs). Nothing is refused when Redis cannot be asked.
     pub async fn check_model(&self, model: &str) -> Result<(), ApiError> {
         let Some(workers) = self.live().await else { return Ok(()) };
-        let states: Vec<&str> =
-            workers.iter().filter_map(|w| w.models.get(model)).map(|m| m.breaker.as_str()).collect();
-        if !states.is_empty() && states.iter().all(|s| *s == "open") {
-            metrics::counter!("spool_api_rejected_unavailable_total", "model" => model.to_owned()).increment(1);
+        let health = self.health(model, &workers);
+        if !health.accepting() {
+            metrics::counter!("spool_api_rejected_unavailable_total", "model" => model.to_owned(), "reason" => health.as_str())
+                .increment(1);
             return Err(ApiError::ModelUnavailable(model.to_owned()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(model: &str, breaker: &str, calls: u32, failures: u32) -> WorkerBeat {
+        WorkerBeat {
+            worker_id: format!("w-{breaker}-{calls}"),
+            device: "cpu".into(),
+            database: None,
+            models: [(model.to_owned(), ModelBeat { breaker: breaker.into(), calls, failures })].into(),
+            started_at: chrono::Utc::now(),
+            seen_at: chrono::Utc::now(),
+        }
+    }
+
+    fn assess(workers: &[WorkerBeat]) -> ModelHealth {
+        let settings = BreakerSettings { failure_rate: 0.5, min_calls: 10, ..Default::default() };
+        ModelHealth::assess("m", workers, &settings)
+    }
+
+    #[test]
+    fn a_model_without_live_workers_still_queues() {
+        assert_eq!(assess(&[]), ModelHealth::NoWorker);
+        assert_eq!(assess(&[worker("other", "open", 0, 0)]), ModelHealth::NoWorker);
+        assert!(ModelHealth::NoWorker.accepting());
+    }
+
+    #[test]
+    fn all_breakers_open_refuses_one_closed_accepts() {
+        assert_eq!(assess(&[worker("m", "open", 0, 0), worker("m", "open", 0, 0)]), ModelHealth::BreakersOpen);
+        assert_eq!(assess(&[worker("m", "open", 0, 0), worker("m", "closed", 4, 0)]), ModelHealth::Accepting);
+    }
+
+    #[test]
+    fn combined_recent_failures_refuse_once_there_are_enough_calls() {
+        // Each worker alone is below min_calls; together they fail at 60%.
+        let failing = [worker("m", "closed", 5, 3), worker("m", "half_open", 5, 3)];
+        assert_eq!(assess(&failing), ModelHealth::Failing);
+        assert!(!ModelHealth::Failing.accepting());
+        assert_eq!(assess(&[worker("m", "closed", 5, 5)]), ModelHealth::Accepting, "too few calls");
+        assert_eq!(assess(&[worker("m", "closed", 10, 4), worker("m", "closed", 10, 5)]), ModelHealth::Accepting);
     }
 }

@@ -7,6 +7,7 @@
 //! Pure state with the clock passed in, so every transition is unit-tested.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -79,6 +80,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// Calls and failures in the current window (closed state; empty otherwise): what the
+    /// worker reports so the API can see a model's recent failure rate.
+    pub fn recent(&self) -> (usize, usize) {
+        (self.outcomes.len(), self.outcomes.iter().filter(|ok| !**ok).count())
+    }
+
     /// How long until an open breaker probes again.
     pub fn retry_after(&self, now: Instant) -> Option<Duration> {
         match (self.state(now), self.opened_at) {
@@ -147,6 +154,26 @@ impl CircuitBreaker {
 
     fn open_for(&self) -> Duration {
         Duration::from_millis(self.settings.open_for_ms)
+    }
+}
+
+/// A breaker shared between tasks (a consumer records, the heartbeat reports).
+#[derive(Debug, Clone)]
+pub struct SharedBreaker(Arc<Mutex<CircuitBreaker>>);
+
+impl SharedBreaker {
+    pub fn new(settings: BreakerSettings) -> Self {
+        Self(Arc::new(Mutex::new(CircuitBreaker::new(settings))))
+    }
+
+    /// Runs `f` on the breaker (a poisoned lock is recovered: the state stays coherent).
+    pub fn with<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
+        let mut breaker = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut breaker)
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.with(|b| b.state(Instant::now()))
     }
 }
 

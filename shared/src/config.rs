@@ -228,6 +228,9 @@ pub struct WorkerSettings {
     /// The breaker around each model's runtime: when it opens, the worker stops taking
     /// that model's jobs (they wait in the queue for healthy workers) until a probe works.
     pub model_breaker: crate::breaker::BreakerSettings,
+    /// The breaker around PostgreSQL writes: when it opens, the worker takes no new jobs
+    /// and holds the ones in hand (unacked) until a probe write succeeds.
+    pub database_breaker: crate::breaker::BreakerSettings,
     /// Where the worker serves Prometheus metrics (`/metrics` on any path); `None` turns
     /// the endpoint off.
     pub metrics_bind: Option<String>,
@@ -251,6 +254,15 @@ impl Default for WorkerSettings {
             max_attempts: 3,
             execution_timeout_ms: 60_000,
             model_breaker: crate::breaker::BreakerSettings::default(),
+            // Failed writes are retried in place, so a few in a row are a real outage;
+            // probe often, as PostgreSQL restarts take seconds.
+            database_breaker: crate::breaker::BreakerSettings {
+                failure_rate: 0.5,
+                window: 10,
+                min_calls: 4,
+                open_for_ms: 3_000,
+                probes: 1,
+            },
             heartbeat_interval_ms: 2_000,
             metrics_bind: Some("127.0.0.1:9187".into()),
             fail_marker: None,

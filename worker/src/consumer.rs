@@ -13,6 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use sea_orm::DatabaseConnection;
 use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::breaker::SharedBreaker;
 use spool_shared::job::JobError;
 use spool_shared::retry::{RetryDecision, RetryPolicy};
 use tokio::sync::Semaphore;
@@ -35,6 +36,9 @@ pub struct WorkerContext {
     pub fail_marker: Option<String>,
     /// Longest one forward may take.
     pub execution_timeout: Duration,
+    /// Guards PostgreSQL writes: while open, no new batch is taken and the batches in
+    /// hand keep their messages unacked until a probe write succeeds.
+    pub database_breaker: SharedBreaker,
 }
 
 /// How a model batches and retries, after configuration overrides.
@@ -136,9 +140,16 @@ async fn consume_session(
     let mut ended = Ended::Done;
     loop {
         let permit = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed. This is a bug.");
-        if let Some(pause) = model.with_breaker(|b| b.retry_after(Instant::now())) {
+        if let Some(pause) = model.breaker.with(|b| b.retry_after(Instant::now())) {
             ended = Ended::BreakerOpen(pause);
             break;
+        }
+        // PostgreSQL down: take nothing more; the messages already here stay unacked.
+        while let Some(pause) = context.database_breaker.with(|b| b.retry_after(Instant::now())) {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
         let Some(items) = next_batch(&mut deliveries, policy.max_size, policy.max_delay, shutdown).await else {
             break;
@@ -212,7 +223,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     let span = tracing::info_span!("batch", model = %model.spec.name, size = ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
     async {
         let claim = || store::claim(&context.db, &ids, &redelivered, &context.worker_id);
-        let Some(claimed) = until_db_answers(batch.shutdown, "claim", claim).await else {
+        let Some(claimed) = until_db_answers(&context.database_breaker, batch.shutdown, "claim", claim).await else {
             return; // shutting down: the unacked messages go back to the queue
         };
         tracing::Span::current().record("claimed", claimed.len());
@@ -227,7 +238,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
             claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
         // Half-open lets a few probe batches through; anything else waits in the queue.
-        if !model.with_breaker(|b| b.try_acquire(Instant::now())) {
+        if !model.breaker.with(|b| b.try_acquire(Instant::now())) {
             requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
             return;
         }
@@ -235,7 +246,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         let results = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
         // The model is healthy when nothing failed for a runtime (retryable) reason.
         let healthy = !results.iter().any(|r| matches!(r, Err(error) if error.retryable));
-        model.with_breaker(|b| b.record(healthy, Instant::now()));
+        model.breaker.with(|b| b.record(healthy, Instant::now()));
         let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
         tracing::Span::current().record("inference_ms", inference_ms);
         let completions: Vec<Completion> = ids_attempts
@@ -255,7 +266,9 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         let record = || store::complete(&context.db, &completions, inference_ms);
         // On shutdown mid-outage the messages are not acked: their redelivery finds the
         // jobs still `running` and runs them again.
-        if let Some(written) = until_db_answers(batch.shutdown, "record results", record).await {
+        if let Some(written) =
+            until_db_answers(&context.database_breaker, batch.shutdown, "record results", record).await
+        {
             tracing::debug!(written, "batch recorded");
             record_metrics(&model.spec.name, &completions);
             ack_all(deliveries).await;
@@ -265,20 +278,42 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     .await;
 }
 
-/// Retries a database operation with backoff until it succeeds, holding the batch's
-/// messages unacked meanwhile: a PostgreSQL outage pauses this consumer (its batch slots
-/// stay taken, so it takes no more messages) instead of bouncing messages through the
-/// queue until their delivery limit dead-letters them. `None` when shutdown comes first.
-async fn until_db_answers<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut operation: F) -> Option<T>
+/// Runs a database operation through the PostgreSQL breaker, retrying until it succeeds
+/// and holding the batch's messages unacked meanwhile: an outage pauses this consumer
+/// (its batch slots stay taken, so it takes no more messages) instead of bouncing
+/// messages through the queue until their delivery limit dead-letters them. While the
+/// breaker is open nobody writes; when it half-opens, one probe write decides.
+/// `None` when shutdown comes first.
+async fn until_db_answers<T, F, Fut>(
+    breaker: &SharedBreaker,
+    shutdown: &CancellationToken,
+    what: &str,
+    mut operation: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let wait = match breaker.with(|b| (b.retry_after(Instant::now()), b.try_acquire(Instant::now()))) {
+            (Some(open_for), _) => Some(open_for),
+            (None, false) => Some(Duration::from_millis(100)), // half-open: another task is probing
+            (None, true) => None,
+        };
+        if let Some(wait) = wait {
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => continue,
+            }
+        }
         match operation().await {
-            Ok(value) => return Some(value),
+            Ok(value) => {
+                breaker.with(|b| b.record(true, Instant::now()));
+                return Some(value);
+            }
             Err(error) => {
+                breaker.with(|b| b.record(false, Instant::now()));
                 tracing::error!(error.cause_chain = ?error, what, retry_in = ?backoff, "database unavailable; holding the batch");
                 metrics::counter!("spool_worker_database_errors_total").increment(1);
                 tokio::select! {

@@ -1,17 +1,26 @@
-//! The worker announces itself in Redis every few seconds: which models it serves and
-//! the state of each model's breaker. The API reads these to list workers and to refuse
-//! jobs for a model whose every worker has its breaker open.
+//! The worker announces itself in Redis every few seconds: which models it serves, each
+//! model's breaker with its recent calls and failures, and the PostgreSQL breaker. The API
+//! reads these to list workers and to refuse jobs for a model that is failing everywhere.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use secrecy::ExposeSecret;
 use serde_json::json;
 use spool_shared::Settings;
-use spool_shared::breaker::BreakerState;
+use spool_shared::breaker::{BreakerState, SharedBreaker};
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::ModelHandle;
+
+/// 0 closed, 1 half-open, 2 open: alert on a value of 2 that lasts.
+fn level(state: BreakerState) -> f64 {
+    match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::HalfOpen => 1.0,
+        BreakerState::Open => 2.0,
+    }
+}
 
 /// Key of a worker's heartbeat (`<redis_prefix>:worker:<id>`).
 pub fn key(prefix: &str, worker_id: &str) -> String {
@@ -25,6 +34,7 @@ pub async fn run(
     worker_id: String,
     device: String,
     models: Vec<ModelHandle>,
+    database_breaker: SharedBreaker,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(settings.worker.heartbeat_interval_ms.max(100));
@@ -43,19 +53,15 @@ pub async fn run(
         let breakers: serde_json::Map<String, serde_json::Value> = models
             .iter()
             .map(|m| {
-                let state = m.breaker_state();
-                // 0 closed, 1 half-open, 2 open: alert on a value of 2 that lasts.
-                let level = match state {
-                    BreakerState::Closed => 0.0,
-                    BreakerState::HalfOpen => 1.0,
-                    BreakerState::Open => 2.0,
-                };
-                metrics::gauge!("spool_worker_breaker_state", "model" => m.spec.name.clone()).set(level);
-                (m.spec.name.clone(), json!({"breaker": state.as_str()}))
+                let (state, (calls, failures)) = m.breaker.with(|b| (b.state(Instant::now()), b.recent()));
+                metrics::gauge!("spool_worker_breaker_state", "breaker" => m.spec.name.clone()).set(level(state));
+                (m.spec.name.clone(), json!({"breaker": state.as_str(), "calls": calls, "failures": failures}))
             })
             .collect();
+        let database = database_breaker.state();
+        metrics::gauge!("spool_worker_breaker_state", "breaker" => "postgres").set(level(database));
         let beat = json!({
-            "worker_id": worker_id, "device": device, "models": breakers,
+            "worker_id": worker_id, "device": device, "models": breakers, "database": database.as_str(),
             "started_at": started_at, "seen_at": Utc::now(),
         });
         if connection.is_none() {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use spool_shared::amqp::{self, Topology};
+use spool_shared::breaker::SharedBreaker;
 use spool_shared::manifest::Manifest;
 use spool_shared::retry::RetryPolicy;
 use spool_shared::{Settings, db};
@@ -58,6 +59,7 @@ impl Application {
             batches_in_flight: settings.worker.batches_in_flight.max(1),
             fail_marker: settings.worker.fail_marker.clone(),
             execution_timeout: Duration::from_millis(settings.worker.execution_timeout_ms.max(1)),
+            database_breaker: SharedBreaker::new(settings.worker.database_breaker),
         });
         if context.fail_marker.is_some() {
             tracing::warn!("worker.fail_marker is set: inputs containing it will fail on purpose");
@@ -94,6 +96,7 @@ impl Application {
             self.context.worker_id.clone(),
             self.device.clone(),
             self.models.clone(),
+            self.context.database_breaker.clone(),
             shutdown.clone(),
         ));
         let mut connection = Some(self.connection);

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use spool_shared::breaker::{BreakerSettings, BreakerState, CircuitBreaker};
+use spool_shared::breaker::{BreakerSettings, SharedBreaker};
 use spool_shared::manifest::ModelSpec;
 use tch::Device;
 use tokio::sync::oneshot;
@@ -38,7 +38,7 @@ struct Command {
 pub struct ModelHandle {
     pub spec: Arc<ModelSpec>,
     /// Guards the model's runtime; shared by its consumer and the heartbeat.
-    pub breaker: Arc<std::sync::Mutex<CircuitBreaker>>,
+    pub breaker: SharedBreaker,
     commands: mpsc::SyncSender<Command>,
 }
 
@@ -57,19 +57,7 @@ impl ModelHandle {
             .spawn(move || model_thread(&thread_spec, device, receiver, ready_tx))
             .map_err(|_| RuntimeError::Stopped(spec.name.clone()))?;
         ready_rx.await.map_err(|_| RuntimeError::Stopped(spec.name.clone()))??;
-        let breaker = Arc::new(std::sync::Mutex::new(CircuitBreaker::new(breaker)));
-        Ok(Self { spec, breaker, commands })
-    }
-
-    /// The breaker's state now.
-    pub fn breaker_state(&self) -> BreakerState {
-        self.with_breaker(|b| b.state(Instant::now()))
-    }
-
-    /// Runs `f` on the breaker (a poisoned lock is recovered: the state stays coherent).
-    pub fn with_breaker<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
-        let mut breaker = self.breaker.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut breaker)
+        Ok(Self { spec, breaker: SharedBreaker::new(breaker), commands })
     }
 
     /// Runs one forward over `inputs` on the model thread.

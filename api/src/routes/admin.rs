@@ -72,6 +72,8 @@ pub struct Worker {
     pub device: String,
     /// Breaker state (`closed`, `open`, `half_open`) of each model it serves.
     pub breakers: std::collections::BTreeMap<String, String>,
+    /// Its PostgreSQL breaker: while open it takes no jobs and holds the ones in hand.
+    pub database_breaker: Option<String>,
     pub started_at: DateTime<Utc>,
     pub seen_at: DateTime<Utc>,
 }
@@ -89,8 +91,12 @@ pub struct ModelBreakers {
     pub closed: u32,
     pub open: u32,
     pub half_open: u32,
-    /// Whether `POST /v1/jobs` accepts jobs for it (false only when every worker's
-    /// breaker is open; a model with no live worker still queues).
+    /// Recent calls and failures across the workers' breaker windows.
+    pub recent_calls: u32,
+    pub recent_failures: u32,
+    /// `no_worker` (jobs still queue), `accepting`, `breakers_open` or `failing`.
+    pub health: String,
+    /// Whether `POST /v1/jobs` accepts jobs for it.
     pub accepting: bool,
 }
 
@@ -187,6 +193,7 @@ impl AdminApi {
                 worker_id: w.worker_id,
                 device: w.device,
                 breakers: w.models.into_iter().map(|(name, m)| (name, m.breaker)).collect(),
+                database_breaker: w.database,
                 started_at: w.started_at,
                 seen_at: w.seen_at,
             })
@@ -204,16 +211,18 @@ impl AdminApi {
             .names()
             .into_iter()
             .map(|model| {
-                let states: Vec<&str> =
-                    workers.iter().filter_map(|w| w.models.get(&model)).map(|m| m.breaker.as_str()).collect();
-                let count = |s: &str| states.iter().filter(|x| **x == s).count() as u32;
-                let (open, workers) = (count("open"), states.len() as u32);
+                let beats: Vec<_> = workers.iter().filter_map(|w| w.models.get(&model)).collect();
+                let count = |s: &str| beats.iter().filter(|m| m.breaker == s).count() as u32;
+                let health = state.workers.health(&model, &workers);
                 ModelBreakers {
-                    accepting: workers == 0 || open < workers,
+                    workers: beats.len() as u32,
                     closed: count("closed"),
                     half_open: count("half_open"),
-                    open,
-                    workers,
+                    open: count("open"),
+                    recent_calls: beats.iter().map(|m| m.calls).sum(),
+                    recent_failures: beats.iter().map(|m| m.failures).sum(),
+                    health: health.as_str().into(),
+                    accepting: health.accepting(),
                     model,
                 }
             })

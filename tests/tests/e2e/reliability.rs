@@ -155,3 +155,67 @@ async fn the_worker_reconnects_after_losing_the_broker() {
     let job = app.wait_finished(&second, Duration::from_secs(30)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
 }
+
+/// The worker's PostgreSQL breaker: cut the worker (only) off its database, and its jobs
+/// wait, held and unacked, with the breaker open; restore it and they run once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_postgres_holds_its_jobs_until_the_database_returns() {
+    let settings = test_settings().await;
+    let mut app = TestApp::start(settings.clone(), AppOptions { worker_models: vec![], ..Default::default() }).await;
+    // The worker logs in as its own role, which the test can lock out without touching the API.
+    let role = format!("w{}", &Uuid::now_v7().simple().to_string()[20..]);
+    let admin_url = settings.database_url.expose_secret().rsplit_once('/').unwrap().0.to_owned() + "/postgres";
+    let admin = sea_orm::Database::connect(admin_url).await.unwrap();
+    admin.execute_unprepared(&format!("CREATE ROLE {role} LOGIN SUPERUSER")).await.unwrap();
+    let (server, database) = settings.database_url.expose_secret().rsplit_once('/').unwrap();
+    let server = server.replacen("postgres:postgres@", &format!("{role}@"), 1);
+    app.settings.database_url = format!("{server}/{database}").into();
+    app.start_worker(&["digits-cnn"]).await;
+    let warm = app.submit("digits-cnn", json!({"pixels": vec![3; 64]})).await;
+    assert_eq!(app.wait_finished(&warm, Duration::from_secs(30)).await["status"], "succeeded");
+
+    let lock_out = format!(
+        "ALTER ROLE {role} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    );
+    admin.execute_unprepared(&lock_out).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..6 {
+        held.push(app.submit("digits-cnn", json!({"pixels": vec![i; 64]})).await);
+    }
+    let operator = app.new_operator_token().await;
+    let breaker_state = || async {
+        let workers: Value = app
+            .client
+            .get(app.url("/v1/admin/workers"))
+            .bearer_auth(&operator)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        workers["data"][0]["database_breaker"].as_str().unwrap_or_default().to_owned()
+    };
+    let mut opened = false;
+    for _ in 0..100 {
+        if breaker_state().await == "open" {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(opened, "the worker's PostgreSQL breaker opens");
+    for id in &held {
+        let job: Value = app.get_job(id).await.json().await.unwrap();
+        assert_eq!(job["status"], "queued", "nothing ran, nothing was lost: {job}");
+    }
+
+    admin.execute_unprepared(&format!("ALTER ROLE {role} LOGIN")).await.unwrap();
+    for id in &held {
+        let job = app.wait_finished(id, Duration::from_secs(30)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "held, not bounced through the queue: {job}");
+    }
+    app.stop_worker().await;
+    admin.execute_unprepared(&format!("DROP ROLE {role}")).await.unwrap();
+}
