@@ -71,6 +71,10 @@ pub enum ApiError {
     InvalidEmailToken,
     #[error("token not found")]
     TokenNotFound,
+    #[error("webhook subscription not found")]
+    WebhookNotFound,
+    #[error("webhook delivery not found")]
+    DeliveryNotFound,
     #[error("a dependency is unavailable: {0}")]
     Unavailable(String),
     #[error("model {0:?} is failing on every worker (circuit breaker open); retry later")]
@@ -132,7 +136,7 @@ impl ApiError {
             Self::Forbidden(_) | Self::AccountForbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::LoginLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InvalidEmailToken => StatusCode::BAD_REQUEST,
-            Self::TokenNotFound => StatusCode::NOT_FOUND,
+            Self::TokenNotFound | Self::WebhookNotFound | Self::DeliveryNotFound => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -155,6 +159,8 @@ impl ApiError {
             Self::BadCredentials => "invalid_credentials",
             Self::InvalidEmailToken => "invalid_email_token",
             Self::TokenNotFound => "token_not_found",
+            Self::WebhookNotFound => "webhook_not_found",
+            Self::DeliveryNotFound => "delivery_not_found",
             Self::Unavailable(_) => "service_unavailable",
             Self::ModelUnavailable(_) => "model_unavailable",
             Self::Unexpected(_) => "internal_error",

@@ -42,6 +42,21 @@ pub enum Submission {
     Replayed(jobs::Model),
 }
 
+/// A per-job webhook target, already checked.
+#[derive(Debug, Clone)]
+pub struct JobWebhook {
+    pub url: String,
+    pub events: Vec<String>,
+}
+
+/// What a job may carry besides its model and input.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// Time-to-start deadline: not started by then, it fails with `deadline_exceeded`.
+    pub start_within: Option<Duration>,
+    pub webhook: Option<JobWebhook>,
+}
+
 /// Commits the job, then publishes it. A publish failure is not the client's problem:
 /// the job is committed and the outbox relay will publish it.
 pub async fn submit(
@@ -50,7 +65,7 @@ pub async fn submit(
     owner_id: Uuid,
     request: ValidJobRequest,
     key: Option<IdempotencyKey>,
-    start_within: Option<Duration>,
+    options: JobOptions,
 ) -> Result<Submission, ApiError> {
     let request_hash = key.as_ref().map(|_| request_hash(&request));
     let inserted = jobs::Entity::find()
@@ -58,8 +73,10 @@ pub async fn submit(
             DbBackend::Postgres,
             // The usage counter moves in the same statement as the insert.
             r#"WITH job AS (
-                   INSERT INTO jobs (id, owner_id, model, status, input, idempotency_key, request_hash, start_deadline)
-                   VALUES ($1, $2, $3, 'queued', $4, $5, $6, now() + make_interval(secs => $7::double precision))
+                   INSERT INTO jobs (id, owner_id, model, status, input, idempotency_key, request_hash, start_deadline,
+                                     webhook_url, webhook_events)
+                   VALUES ($1, $2, $3, 'queued', $4, $5, $6, now() + make_interval(secs => $7::double precision),
+                           $8, $9)
                    ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                    RETURNING *),
                counted AS (
@@ -74,7 +91,9 @@ pub async fn submit(
                 request.input.into(),
                 key.as_ref().map(|k| k.0.clone()).into(),
                 request_hash.clone().into(),
-                start_within.map(|d| d.as_secs_f64()).into(),
+                options.start_within.map(|d| d.as_secs_f64()).into(),
+                options.webhook.as_ref().map(|w| w.url.clone()).into(),
+                options.webhook.map(|w| w.events).into(),
             ],
         ))
         .one(db)

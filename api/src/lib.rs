@@ -14,6 +14,7 @@ pub mod redis_handle;
 pub mod routes;
 pub mod state;
 pub mod telemetry;
+pub mod webhooks;
 pub mod workers;
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use crate::routes::jobs::JobsApi;
 use crate::routes::me::MeApi;
 use crate::routes::models::ModelsApi;
 use crate::routes::tokens::TokensApi;
+use crate::routes::webhooks::WebhooksApi;
 use crate::state::AppState;
 use crate::workers::WorkerRegistry;
 
@@ -156,11 +158,11 @@ impl Application {
 
 /// The OpenAPI service description (also used to write `openapi.json`).
 /// Every resource's API, combined.
-pub type Apis = (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, AdminApi, HealthApi);
+pub type Apis = (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi);
 
 pub fn openapi_service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, AdminApi, HealthApi),
+        (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi),
         "Spool",
         env!("CARGO_PKG_VERSION"),
     )

@@ -6,6 +6,7 @@ mod m20261124_000001_create_jobs;
 mod m20261124_000002_create_identity;
 mod m20261124_000003_add_dead_letters;
 mod m20261124_000004_add_start_deadline;
+mod m20261124_000006_create_webhooks;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_create_identity::Migration),
             Box::new(m20261124_000003_add_dead_letters::Migration),
             Box::new(m20261124_000004_add_start_deadline::Migration),
+            Box::new(m20261124_000006_create_webhooks::Migration),
         ]
     }
 }

@@ -35,6 +35,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub worker: WorkerSettings,
     pub rate_limit: RateLimitSettings,
+    pub webhooks: WebhookSettings,
 }
 
 impl Default for Settings {
@@ -52,6 +53,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             worker: WorkerSettings::default(),
             rate_limit: RateLimitSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -266,6 +268,54 @@ impl Default for WorkerSettings {
             heartbeat_interval_ms: 2_000,
             metrics_bind: Some("127.0.0.1:9187".into()),
             fail_marker: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WebhookSettings {
+    /// Hosts (exactly as in the URL, e.g. `127.0.0.1` or `localhost`) that may be private
+    /// addresses and plain http: local development and tests only. Empty in production.
+    pub allowed_hosts: Vec<String>,
+    /// Delay before each retry of a failed delivery (jitter ±10% is added); after the
+    /// last one the delivery is `failed`. The default spans more than a day.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Longest a receiver may take to answer.
+    pub request_timeout_ms: u64,
+    /// Deliveries in flight at once, overall and per destination host.
+    pub concurrency: usize,
+    pub per_destination: usize,
+    /// How long a dispatcher holds a delivery it took; one that died mid-delivery loses
+    /// it to another dispatcher after this.
+    pub lease_ms: u64,
+    /// How often the dispatcher looks for due deliveries (it is also woken by
+    /// notifications when new ones are queued).
+    pub poll_interval_ms: u64,
+    /// The breaker per destination host: a dead endpoint is skipped, not waited on.
+    pub destination_breaker: crate::breaker::BreakerSettings,
+    /// Prometheus metrics of the dispatcher; `None` turns the endpoint off.
+    pub metrics_bind: Option<String>,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: Vec::new(),
+            retry_schedule_secs: vec![5, 300, 1_800, 7_200, 18_000, 36_000, 50_400, 86_400],
+            request_timeout_ms: 15_000,
+            concurrency: 64,
+            per_destination: 8,
+            lease_ms: 60_000,
+            poll_interval_ms: 1_000,
+            destination_breaker: crate::breaker::BreakerSettings {
+                failure_rate: 0.5,
+                window: 10,
+                min_calls: 5,
+                open_for_ms: 30_000,
+                probes: 1,
+            },
+            metrics_bind: Some("127.0.0.1:9188".into()),
         }
     }
 }

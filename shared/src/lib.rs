@@ -10,6 +10,8 @@ pub mod entities;
 pub mod job;
 pub mod manifest;
 pub mod retry;
+pub mod ssrf;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use config::Settings;

@@ -6,6 +6,8 @@
 //! Set `TEST_LOG=1` to see the services' logs.
 #![allow(clippy::unwrap_used)]
 
+pub mod receiver;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,11 +32,13 @@ pub struct AppOptions {
     pub worker_models: Vec<&'static str>,
     /// Overrides the broker address the API uses (e.g. a dead port, to test the outbox).
     pub api_amqp_url: Option<String>,
+    /// Runs the webhook dispatcher too.
+    pub dispatcher: bool,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        Self { worker_models: vec!["digits-cnn"], api_amqp_url: None }
+        Self { worker_models: vec!["digits-cnn"], api_amqp_url: None, dispatcher: false }
     }
 }
 
@@ -50,6 +54,7 @@ pub struct TestApp {
     api_shutdown: CancellationToken,
     api_task: Option<JoinHandle<()>>,
     worker: Option<(CancellationToken, JoinHandle<()>)>,
+    dispatcher: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 pub fn models_dir() -> PathBuf {
@@ -87,6 +92,12 @@ pub async fn test_settings() -> Settings {
     settings.api.bind = "127.0.0.1:0".into();
     settings.api.outbox_interval_ms = 200;
     settings.api.outbox_grace_ms = 500;
+    settings.webhooks.allowed_hosts = vec!["127.0.0.1".into()];
+    settings.webhooks.retry_schedule_secs = vec![1, 1, 1, 1];
+    settings.webhooks.poll_interval_ms = 200;
+    settings.webhooks.lease_ms = 2_000;
+    settings.webhooks.metrics_bind = None;
+    settings.webhooks.destination_breaker.open_for_ms = 1_000;
     settings.worker.id = Some(format!("test-worker-{}", &Uuid::now_v7().simple().to_string()[24..]));
     let (secret, public) = auth::generate_key_pair().unwrap();
     settings.auth.public_keys = vec![public];
@@ -134,6 +145,7 @@ impl TestApp {
             api_shutdown,
             api_task: Some(api_task),
             worker: None,
+            dispatcher: None,
         };
         let (user_id, token) = app.new_user_with_token(&[Scope::JobsRead, Scope::JobsWrite]).await;
         app.user_id = user_id;
@@ -141,7 +153,30 @@ impl TestApp {
         if !options.worker_models.is_empty() {
             app.start_worker(&options.worker_models).await;
         }
+        if options.dispatcher {
+            app.start_dispatcher().await;
+        }
         app
+    }
+
+    /// Starts an in-process webhook dispatcher.
+    pub async fn start_dispatcher(&mut self) {
+        let db = Database::connect(secrecy::ExposeSecret::expose_secret(&self.settings.database_url).to_owned())
+            .await
+            .unwrap();
+        let dispatcher = spool_worker::dispatcher::Dispatcher::new(db, self.settings.webhooks.clone()).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(dispatcher.run(shutdown.clone()));
+        self.dispatcher = Some((shutdown, task));
+    }
+
+    /// Kills the dispatcher at once, mid-delivery if it is delivering (its leases stay
+    /// taken until they run out), as a crash would.
+    pub async fn kill_dispatcher(&mut self) {
+        if let Some((_, task)) = self.dispatcher.take() {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// A new verified user and an API token of theirs with `scopes`.

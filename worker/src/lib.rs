@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod consumer;
 pub mod dead_letters;
 pub mod device;
+pub mod dispatcher;
 pub mod engine;
 pub mod heartbeat;
 pub mod runtime;
@@ -196,7 +197,8 @@ fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut terminate) => {

@@ -9,13 +9,16 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 use spool_shared::entities::jobs as job_rows;
 use spool_shared::job::{JobError, JobStatus};
+use spool_shared::ssrf::TargetPolicy;
+use spool_shared::webhooks::JOB_EVENTS;
 use uuid::Uuid;
 
 use super::ApiTags;
 use crate::auth::{BearerAuth, Scope};
 use crate::error::ApiError;
-use crate::jobs::{self, IdempotencyKey, ListQuery, Submission};
+use crate::jobs::{self, IdempotencyKey, JobOptions, JobWebhook, ListQuery, Submission};
 use crate::state::AppState;
+use crate::webhooks;
 
 /// A job's state, as clients see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -128,6 +131,14 @@ pub struct SubmitJobRequest {
     /// with `deadline_exceeded` and never runs.
     #[oai(validator(minimum(value = "1"), maximum(value = "604800")))]
     pub start_within_secs: Option<u64>,
+    /// An `https` URL (public address) to POST this job's events to, signed with the
+    /// account's job webhook secret (`GET /v1/webhooks/job-secret`).
+    #[oai(validator(max_length = 2048))]
+    pub webhook: Option<String>,
+    /// Which events go to `webhook`: `started`, `completed` (succeeded, failed or
+    /// canceled). Default `["completed"]`.
+    #[oai(validator(max_items = 2))]
+    pub webhook_events: Option<Vec<String>>,
 }
 
 #[derive(ApiResponse)]
@@ -167,6 +178,21 @@ pub enum ListJobsResponse {
 
 pub struct JobsApi;
 
+/// Checks a per-job webhook and makes sure the account has a secret to sign it with.
+async fn job_webhook(
+    state: &AppState,
+    owner: Uuid,
+    url: &str,
+    events: Option<Vec<String>>,
+) -> Result<JobWebhook, ApiError> {
+    let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
+    let url = webhooks::check_url(&policy, url, "/webhook").await?;
+    let events =
+        webhooks::check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
+    webhooks::job_secret(&state.db, owner).await?;
+    Ok(JobWebhook { url, events })
+}
+
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Jobs")]
 impl JobsApi {
     /// Submit a job
@@ -188,11 +214,16 @@ impl JobsApi {
         let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
         let wait =
             prefer.0.as_deref().and_then(parse_prefer_wait).map(|secs| secs.min(state.settings.api.max_wait_secs));
-        let start_within = body.0.start_within_secs.map(Duration::from_secs);
-        let request = state.catalog.validate(&body.0.model, body.0.input)?;
+        let body = body.0;
+        let request = state.catalog.validate(&body.model, body.input)?;
+        let webhook = match body.webhook {
+            Some(url) => Some(job_webhook(&state, auth.0.user_id, &url, body.webhook_events).await?),
+            None => None,
+        };
+        let options = JobOptions { start_within: body.start_within_secs.map(Duration::from_secs), webhook };
         state.workers.check_model(&request.model).await?;
         let owner = auth.0.user_id;
-        match jobs::submit(&state.db, &state.publisher, owner, request, key, start_within).await? {
+        match jobs::submit(&state.db, &state.publisher, owner, request, key, options).await? {
             Submission::Replayed(job) => Ok(SubmitJobResponse::Done(Json(job.into()), None, Some("true".into()))),
             Submission::Created(job) => match wait {
                 Some(secs) if secs > 0 => {

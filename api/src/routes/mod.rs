@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod me;
 pub mod models;
 pub mod tokens;
+pub mod webhooks;
 
 use poem_openapi::Tags;
 
@@ -18,6 +19,8 @@ pub enum ApiTags {
     Account,
     /// The models jobs can run on.
     Models,
+    /// Signed callbacks on job events: subscriptions, deliveries, secrets.
+    Webhooks,
     /// Dead letters and other operator tools (operator role required).
     Operators,
     /// Liveness and readiness probes.

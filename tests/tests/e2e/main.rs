@@ -9,3 +9,4 @@ mod http;
 mod inference;
 mod jobs;
 mod reliability;
+mod webhooks;

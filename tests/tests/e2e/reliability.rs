@@ -21,6 +21,7 @@ async fn a_job_accepted_while_the_broker_is_unreachable_runs_after_an_api_restar
     let options = AppOptions {
         worker_models: vec!["digits-cnn"],
         api_amqp_url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
+        ..Default::default()
     };
     let mut app = TestApp::start(settings.clone(), options).await;
     let response = app.post_job(&json!({"model": "digits-cnn", "input": {"pixels": vec![3; 64]}})).await;

@@ -1,0 +1,265 @@
+//! Webhook rules: account subscriptions, their secrets and delivery logs, per-job webhook
+//! targets. Deliveries themselves are queued by a trigger on `jobs` and sent by the
+//! dispatcher (worker crate); here they are only listed and re-queued.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement};
+use spool_shared::ssrf::{TargetError, TargetPolicy};
+use spool_shared::webhooks::{DELIVERIES_CHANNEL, new_secret};
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError};
+
+/// Most subscriptions one account may have.
+const MAX_SUBSCRIPTIONS: i64 = 50;
+
+/// Checks a webhook URL for a subscription or a job: its shape, and the addresses its host
+/// resolves to now (the dispatcher checks again at delivery time).
+pub async fn check_url(policy: &TargetPolicy, url: &str, pointer: &str) -> Result<String, ApiError> {
+    let detail = match policy.check(url).await {
+        Ok(parsed) => return Ok(parsed.to_string()),
+        Err(TargetError::Forbidden(host)) => format!("{host} is a private, loopback, link-local or reserved address"),
+        Err(error) => error.to_string(),
+    };
+    Err(ApiError::InvalidInput(vec![FieldError { pointer: pointer.into(), detail }]))
+}
+
+/// Checks that `events` is a non-empty list of names from `allowed`, without repeats.
+pub fn check_events(events: &[String], allowed: &[&str], pointer: &str) -> Result<Vec<String>, ApiError> {
+    let invalid = |detail: String| ApiError::InvalidInput(vec![FieldError { pointer: pointer.into(), detail }]);
+    if events.is_empty() {
+        return Err(invalid(format!("give at least one of {}", allowed.join(", "))));
+    }
+    let mut unique: Vec<String> = Vec::with_capacity(events.len());
+    for event in events {
+        if !allowed.contains(&event.as_str()) {
+            return Err(invalid(format!("unknown event {event:?}; expected one of {}", allowed.join(", "))));
+        }
+        if !unique.contains(event) {
+            unique.push(event.clone());
+        }
+    }
+    Ok(unique)
+}
+
+pub struct Subscription {
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub description: String,
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub disabled_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "id, url, events, description, disabled_at, disabled_reason, created_at";
+
+impl Subscription {
+    fn from_row(row: &QueryResult) -> Result<Self, sea_orm::DbErr> {
+        Ok(Self {
+            id: row.try_get("", "id")?,
+            url: row.try_get("", "url")?,
+            events: row.try_get("", "events")?,
+            description: row.try_get("", "description")?,
+            disabled_at: row.try_get("", "disabled_at")?,
+            disabled_reason: row.try_get("", "disabled_reason")?,
+            created_at: row.try_get("", "created_at")?,
+        })
+    }
+}
+
+/// Creates a subscription; returns it with its signing secret (shown this once).
+pub async fn create(
+    db: &DatabaseConnection,
+    owner_id: Uuid,
+    url: String,
+    events: Vec<String>,
+    description: String,
+) -> Result<(Subscription, String), ApiError> {
+    let secret = new_secret();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "INSERT INTO webhook_subscriptions (id, owner_id, url, events, description, secret) \
+                 SELECT $1, $2, $3, $4, $5, $6 \
+                  WHERE (SELECT count(*) FROM webhook_subscriptions WHERE owner_id = $2) < $7 \
+                 RETURNING {SUBSCRIPTION_COLUMNS}"
+            ),
+            [
+                Uuid::now_v7().into(),
+                owner_id.into(),
+                url.into(),
+                events.into(),
+                description.into(),
+                secret.clone().into(),
+                MAX_SUBSCRIPTIONS.into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| ApiError::InvalidRequest(format!("an account may have at most {MAX_SUBSCRIPTIONS} webhooks")))?;
+    Ok((Subscription::from_row(&row)?, secret))
+}
+
+pub async fn list(db: &DatabaseConnection, owner_id: Uuid) -> Result<Vec<Subscription>, ApiError> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE owner_id = $1 ORDER BY id"),
+            [owner_id.into()],
+        ))
+        .await?;
+    Ok(rows.iter().map(Subscription::from_row).collect::<Result<_, _>>()?)
+}
+
+/// The caller's subscription, or `WebhookNotFound` (also when it is someone else's).
+pub async fn get(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<Subscription, ApiError> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1 AND owner_id = $2"),
+            [id.into(), owner_id.into()],
+        ))
+        .await?
+        .ok_or(ApiError::WebhookNotFound)?;
+    Ok(Subscription::from_row(&row)?)
+}
+
+/// Deletes a subscription and its delivery log.
+pub async fn delete(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<(), ApiError> {
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "DELETE FROM webhook_subscriptions WHERE id = $1 AND owner_id = $2",
+            [id.into(), owner_id.into()],
+        ))
+        .await?;
+    if result.rows_affected() == 0 {
+        return Err(ApiError::WebhookNotFound);
+    }
+    Ok(())
+}
+
+/// A new secret; the old one keeps signing (alongside) for 24 hours so receivers can
+/// switch without missing a delivery.
+pub async fn rotate_secret(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<String, ApiError> {
+    let secret = new_secret();
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE webhook_subscriptions \
+                SET previous_secret = secret, previous_secret_expires_at = now() + interval '24 hours', secret = $3 \
+              WHERE id = $1 AND owner_id = $2",
+            [id.into(), owner_id.into(), secret.clone().into()],
+        ))
+        .await?;
+    if result.rows_affected() == 0 {
+        return Err(ApiError::WebhookNotFound);
+    }
+    Ok(secret)
+}
+
+/// Queues a `webhook.test` event to the subscription; returns the delivery's id.
+pub async fn send_test(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<Uuid, ApiError> {
+    let delivery_id = Uuid::now_v7();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "WITH queued AS (
+                 INSERT INTO webhook_deliveries (id, owner_id, subscription_id, url, event_type, payload)
+                 SELECT $1, owner_id, id, url, 'webhook.test',
+                        jsonb_build_object('type', 'webhook.test', 'timestamp', now(),
+                                           'data', jsonb_build_object('subscription_id', id))
+                   FROM webhook_subscriptions WHERE id = $2 AND owner_id = $3 AND disabled_at IS NULL
+                 RETURNING id)
+             SELECT id, pg_notify($4, '') FROM queued",
+            [delivery_id.into(), id.into(), owner_id.into(), DELIVERIES_CHANNEL.into()],
+        ))
+        .await?;
+    row.map(|_| delivery_id).ok_or(ApiError::WebhookNotFound)
+}
+
+pub struct Delivery {
+    pub id: Uuid,
+    pub subscription_id: Option<Uuid>,
+    pub job_id: Option<Uuid>,
+    pub event_type: String,
+    pub status: String,
+    pub attempts: i32,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub last_latency_ms: Option<i32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub attempt_log: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// A subscription's deliveries, newest first (`limit` 1–500).
+pub async fn deliveries(
+    db: &DatabaseConnection,
+    owner_id: Uuid,
+    subscription_id: Uuid,
+    limit: u64,
+) -> Result<Vec<Delivery>, ApiError> {
+    get(db, owner_id, subscription_id).await?;
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT id, subscription_id, job_id, event_type, status, attempts, last_status_code, last_error,
+                    last_latency_ms, CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
+                    attempt_log, created_at, delivered_at
+               FROM webhook_deliveries WHERE subscription_id = $1 AND owner_id = $2
+              ORDER BY created_at DESC LIMIT $3",
+            [subscription_id.into(), owner_id.into(), (limit as i64).into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Delivery {
+                id: row.try_get("", "id")?,
+                subscription_id: row.try_get("", "subscription_id")?,
+                job_id: row.try_get("", "job_id")?,
+                event_type: row.try_get("", "event_type")?,
+                status: row.try_get("", "status")?,
+                attempts: row.try_get("", "attempts")?,
+                last_status_code: row.try_get("", "last_status_code")?,
+                last_error: row.try_get("", "last_error")?,
+                last_latency_ms: row.try_get("", "last_latency_ms")?,
+                next_attempt_at: row.try_get("", "next_attempt_at")?,
+                attempt_log: row.try_get("", "attempt_log")?,
+                created_at: row.try_get("", "created_at")?,
+                delivered_at: row.try_get("", "delivered_at")?,
+            })
+        })
+        .collect::<Result<_, sea_orm::DbErr>>()
+        .map_err(Into::into)
+}
+
+/// Sends a delivery again now (whatever its status), with the same `webhook-id`.
+pub async fn redeliver(db: &DatabaseConnection, owner_id: Uuid, delivery_id: Uuid) -> Result<(), ApiError> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "WITH again AS (
+                 UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(), locked_until = NULL
+                  WHERE id = $1 AND owner_id = $2 RETURNING id)
+             SELECT id, pg_notify($3, '') FROM again",
+            [delivery_id.into(), owner_id.into(), DELIVERIES_CHANNEL.into()],
+        ))
+        .await?;
+    row.map(|_| ()).ok_or(ApiError::DeliveryNotFound)
+}
+
+/// The account's secret for per-job webhooks, created on first use.
+pub async fn job_secret(db: &DatabaseConnection, owner_id: Uuid) -> Result<String, ApiError> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE users SET webhook_secret = COALESCE(webhook_secret, $2) WHERE id = $1 RETURNING webhook_secret",
+            [owner_id.into(), new_secret().into()],
+        ))
+        .await?
+        .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("the caller's account is missing")))?;
+    Ok(row.try_get("", "webhook_secret")?)
+}

@@ -1,0 +1,276 @@
+//! Webhooks against real HTTP receivers on loopback (allowlisted in the test settings),
+//! verified with the official Standard Webhooks Python library.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spool_api::auth::Scope;
+use spool_tests::receiver::{Receiver, verify_with_standard_webhooks};
+use spool_tests::{AppOptions, StatusCode, TestApp, test_settings};
+
+async fn app_with_dispatcher(worker: bool) -> (TestApp, String) {
+    let models = if worker { vec!["digits-cnn"] } else { vec![] };
+    let app = TestApp::start(
+        test_settings().await,
+        AppOptions { worker_models: models, dispatcher: true, ..Default::default() },
+    )
+    .await;
+    let token = app
+        .api_token(app.user_id, &[Scope::Webhooks, Scope::JobsRead, Scope::JobsWrite], Duration::from_secs(3600))
+        .await;
+    (app, token)
+}
+
+async fn call(
+    app: &TestApp,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn subscribe(app: &TestApp, token: &str, url: &str, events: &[&str]) -> (String, String) {
+    let (status, created) =
+        call(app, token, reqwest::Method::POST, "/v1/webhooks", Some(json!({"url": url, "events": events}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    (created["id"].as_str().unwrap().to_owned(), created["secret"].as_str().unwrap().to_owned())
+}
+
+async fn deliveries(app: &TestApp, token: &str, subscription: &str) -> Vec<Value> {
+    let path = format!("/v1/webhooks/{subscription}/deliveries");
+    call(app, token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_webhooks() {
+    let (app, token) = app_with_dispatcher(true).await;
+    let account = Receiver::start().await;
+    let per_job = Receiver::start().await;
+    let (_, secret) = subscribe(&app, &token, &account.url(), &["job.started", "job.succeeded"]).await;
+    let (_, job_secret) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    let job_secret = job_secret["secret"].as_str().unwrap().to_owned();
+
+    let response = app
+        .post_job(&json!({
+            "model": "digits-cnn", "input": {"pixels": vec![4; 64]},
+            "webhook": per_job.url(), "webhook_events": ["started", "completed"],
+        }))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job_id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    app.wait_finished(&job_id, Duration::from_secs(30)).await;
+
+    for (receiver, secret) in [(&account, &secret), (&per_job, &job_secret)] {
+        let received = receiver.wait_for(2, Duration::from_secs(15)).await;
+        let mut types: Vec<String> = received.iter().map(|r| r.json()["type"].as_str().unwrap().to_owned()).collect();
+        types.sort();
+        assert_eq!(types, ["job.started", "job.succeeded"]);
+        for delivery in &received {
+            verify_with_standard_webhooks(secret, delivery).expect("the official library verifies the signature");
+            assert!(delivery.header("webhook-id").starts_with("msg_"));
+            let body = delivery.json();
+            assert_eq!(body["data"]["id"], job_id.as_str());
+            assert!(body["timestamp"].is_string());
+            if body["type"] == "job.succeeded" {
+                assert_eq!(body["data"]["status"], "succeeded");
+                assert!(body["data"]["output"].is_object(), "{body}");
+            }
+        }
+        let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
+        assert_eq!(ids.len(), 2, "one id per event");
+    }
+    assert!(verify_with_standard_webhooks(&secret, &per_job.received()[0]).is_err(), "secrets are not shared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_and_the_previous_one_both_verify_for_a_day() {
+    let (app, token) = app_with_dispatcher(false).await;
+    let receiver = Receiver::start().await;
+    let (id, old) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    let (status, rotated) =
+        call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/rotate-secret"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let new = rotated["secret"].as_str().unwrap();
+    assert_ne!(new, old);
+    let (status, _) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let received = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received[0].json()["type"], "webhook.test");
+    verify_with_standard_webhooks(new, &received[0]).expect("new secret verifies");
+    verify_with_standard_webhooks(&old, &received[0]).expect("old secret still verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_410_disables() {
+    let (app, token) = app_with_dispatcher(false).await;
+    let receiver = Receiver::start().await;
+    let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    receiver.answer(&[500, 503]);
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    let received = receiver.wait_for(3, Duration::from_secs(15)).await;
+    let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 1, "the same webhook-id on every retry");
+    let mut log = Vec::new();
+    for _ in 0..50 {
+        log = deliveries(&app, &token, &id).await;
+        if log[0]["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivery = &log[0];
+    assert_eq!(delivery["status"], "succeeded", "{delivery}");
+    assert_eq!(delivery["attempts"], 3);
+    let codes: Vec<i64> =
+        delivery["attempt_log"].as_array().unwrap().iter().map(|a| a["status_code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, [500, 503, 200]);
+    assert!(delivery["last_latency_ms"].is_i64());
+
+    // By hand: sent again now, same id.
+    let delivery_id = delivery["id"].as_str().unwrap();
+    let path = format!("/v1/webhooks/deliveries/{delivery_id}/retry");
+    assert_eq!(call(&app, &token, reqwest::Method::POST, &path, None).await.0, StatusCode::ACCEPTED);
+    let again = receiver.wait_for(4, Duration::from_secs(10)).await;
+    assert_eq!(again[3].header("webhook-id"), again[0].header("webhook-id"));
+
+    // 410 Gone: the subscription is disabled, nothing more is sent.
+    receiver.answer(&[410]);
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    receiver.wait_for(5, Duration::from_secs(10)).await;
+    let mut disabled = Value::Null;
+    for _ in 0..50 {
+        disabled = call(&app, &token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await.1;
+        if !disabled["disabled_at"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!disabled["disabled_at"].is_null(), "{disabled}");
+    let (status, problem) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a disabled subscription takes no test: {problem}");
+
+    // Someone else's subscription does not exist for them.
+    let (other, _) = app.new_user_with_token(&[]).await;
+    let other_token = app.api_token(other, &[Scope::Webhooks], Duration::from_secs(60)).await;
+    let (status, problem) = call(&app, &other_token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("webhook_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_for_a_while_gets_every_event_exactly_once() {
+    let (app, token) = app_with_dispatcher(true).await;
+    let receiver = Receiver::start().await;
+    let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    receiver.stop().await;
+    let mut jobs = Vec::new();
+    for i in 0..5 {
+        jobs.push(app.submit("digits-cnn", json!({"pixels": vec![i; 64]})).await);
+    }
+    for job in &jobs {
+        app.wait_finished(job, Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pending = deliveries(&app, &token, &id).await;
+    assert_eq!(pending.len(), 5);
+    assert!(pending.iter().all(|d| d["status"] == "pending" && d["last_error"].is_string()), "{pending:#?}");
+
+    let receiver = receiver.resume().await;
+    let received = receiver.wait_for(5, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // room for a duplicate to show up
+    let received_after = receiver.received();
+    assert_eq!(received_after.len(), received.len(), "no duplicates");
+    let ids: HashSet<&str> = received_after.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 5, "each event once");
+    let job_ids: HashSet<String> =
+        received_after.iter().map(|r| r.json()["data"]["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(job_ids, jobs.iter().cloned().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_mid_delivery_delivers_after_its_restart() {
+    let (mut app, token) = app_with_dispatcher(false).await;
+    let receiver = Receiver::start().await;
+    let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    receiver.answer_slowly(200, Duration::from_secs(10));
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    receiver.wait_for(1, Duration::from_secs(10)).await;
+    app.kill_dispatcher().await;
+    app.start_dispatcher().await;
+    // Once the dead dispatcher's lease runs out, the delivery goes again, same id.
+    let received = receiver.wait_for(2, Duration::from_secs(15)).await;
+    assert_eq!(received[0].header("webhook-id"), received[1].header("webhook-id"));
+    let mut log = Vec::new();
+    for _ in 0..50 {
+        log = deliveries(&app, &token, &id).await;
+        if log[0]["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(log[0]["status"], "succeeded", "{log:#?}");
+    assert_eq!(log[0]["attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_and_invalid_targets_are_422_problems() {
+    let mut settings = test_settings().await;
+    settings.webhooks.allowed_hosts.clear();
+    let app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let token = app.api_token(app.user_id, &[Scope::Webhooks, Scope::JobsWrite], Duration::from_secs(3600)).await;
+    for url in [
+        "https://10.0.0.8/hook",
+        "https://127.0.0.1:9000/hook",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[::1]/hook",
+        "https://[::ffff:10.0.0.1]/hook",
+        "https://localhost/hook", // a host name resolving to a loopback address
+        "http://127.0.0.1:9000/hook",
+        "ftp://example.com/",
+        "not a url",
+    ] {
+        let (status, problem) = call(
+            &app,
+            &token,
+            reqwest::Method::POST,
+            "/v1/webhooks",
+            Some(json!({"url": url, "events": ["job.failed"]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {problem}");
+        assert_eq!(problem["code"], "invalid_input");
+        assert_eq!(problem["errors"][0]["pointer"], "/url", "{problem}");
+
+        let response = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(&token)
+            .json(&json!({"model": "digits-cnn", "input": {"pixels": vec![0; 64]}, "webhook": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{url}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["pointer"], "/webhook", "{problem}");
+    }
+    let (status, problem) = call(
+        &app,
+        &token,
+        reqwest::Method::POST,
+        "/v1/webhooks",
+        Some(json!({"url": "https://example.com/hook", "events": ["job.exploded"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"][0]["pointer"], "/events");
+    let (status, _) = call(&app, &app.token, reqwest::Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "the webhooks scope is needed");
+}
