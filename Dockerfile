@@ -1,4 +1,4 @@
-# One image for spool-api, spoolctl and spool-worker. libtorch comes from PyPI's torch
+# One image for spool-api, spoolctl, spool-worker and spool-dispatcher. libtorch comes from PyPI's torch
 # 2.11.0 wheel (what tch 0.24 expects), as in scripts/setup.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*
@@ -14,7 +14,8 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libgomp1 && rm -rf /var/lib/apt/lists/*
 # The binaries carry an rpath to the torch libraries at this same path.
 COPY --from=build /opt/torch /opt/torch
-COPY --from=build /src/target/release/spool-api /src/target/release/spool-worker /src/target/release/spoolctl /usr/local/bin/
+COPY --from=build /src/target/release/spool-api /src/target/release/spool-worker /src/target/release/spool-dispatcher \
+     /src/target/release/spoolctl /usr/local/bin/
 COPY models /srv/spool/models
 WORKDIR /srv/spool
 EXPOSE 8080

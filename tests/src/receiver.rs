@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Received {
     pub headers: HashMap<String, String>,
     pub body: String,
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Received {
@@ -57,9 +58,10 @@ impl Receiver {
                     .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
                     .collect();
                 let body = request.into_body().into_string().await.unwrap_or_default();
+                let at = chrono::Utc::now();
                 let (status, delay) = {
                     let mut script = state.lock().unwrap();
-                    script.received.push(Received { headers, body });
+                    script.received.push(Received { headers, body, at });
                     script.answers.pop_front().unwrap_or((200, Duration::ZERO))
                 };
                 tokio::time::sleep(delay).await;
