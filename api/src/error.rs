@@ -71,6 +71,8 @@ pub enum ApiError {
     InvalidEmailToken,
     #[error("token not found")]
     TokenNotFound,
+    #[error("batch not found")]
+    BatchNotFound,
     #[error("webhook subscription not found")]
     WebhookNotFound,
     #[error("webhook delivery not found")]
@@ -136,7 +138,9 @@ impl ApiError {
             Self::Forbidden(_) | Self::AccountForbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::LoginLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InvalidEmailToken => StatusCode::BAD_REQUEST,
-            Self::TokenNotFound | Self::WebhookNotFound | Self::DeliveryNotFound => StatusCode::NOT_FOUND,
+            Self::TokenNotFound | Self::WebhookNotFound | Self::DeliveryNotFound | Self::BatchNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::Unavailable(_) | Self::ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -160,6 +164,7 @@ impl ApiError {
             Self::InvalidEmailToken => "invalid_email_token",
             Self::TokenNotFound => "token_not_found",
             Self::WebhookNotFound => "webhook_not_found",
+            Self::BatchNotFound => "batch_not_found",
             Self::DeliveryNotFound => "delivery_not_found",
             Self::Unavailable(_) => "service_unavailable",
             Self::ModelUnavailable(_) => "model_unavailable",

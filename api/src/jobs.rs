@@ -21,6 +21,12 @@ use crate::publisher::Publisher;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyKey(String);
 
+impl IdempotencyKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TryFrom<String> for IdempotencyKey {
     type Error = ApiError;
 

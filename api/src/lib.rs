@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batches;
 pub mod catalog;
 pub mod completions;
 pub mod error;
@@ -42,6 +43,7 @@ use crate::ratelimit::RateLimiter;
 use crate::redis_handle::RedisHandle;
 use crate::routes::admin::AdminApi;
 use crate::routes::auth::AuthApi;
+use crate::routes::batches::BatchesApi;
 use crate::routes::health::HealthApi;
 use crate::routes::jobs::JobsApi;
 use crate::routes::me::MeApi;
@@ -158,11 +160,11 @@ impl Application {
 
 /// The OpenAPI service description (also used to write `openapi.json`).
 /// Every resource's API, combined.
-pub type Apis = (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi);
+pub type Apis = (JobsApi, BatchesApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi);
 
 pub fn openapi_service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (JobsApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi),
+        (JobsApi, BatchesApi, ModelsApi, AuthApi, MeApi, TokensApi, WebhooksApi, AdminApi, HealthApi),
         "Spool",
         env!("CARGO_PKG_VERSION"),
     )
@@ -175,6 +177,7 @@ fn endpoint(state: AppState) -> impl Endpoint {
     let docs = api.swagger_ui();
     let metrics = telemetry::metrics_handle();
     let max_body = state.settings.api.max_body_bytes;
+    let max_batch = state.settings.api.max_batch_bytes;
     Route::new()
         .nest("/", api)
         .at("/openapi.json", spec)
@@ -186,7 +189,11 @@ fn endpoint(state: AppState) -> impl Endpoint {
             }),
         )
         .around(identity::middleware::authenticate_and_limit)
-        .around(move |endpoint, request| limit_body(endpoint, request, max_body))
+        .around(move |endpoint, request| {
+            // Batches are the one place for large bodies.
+            let max = if request.uri().path() == "/v1/batches" { max_batch } else { max_body };
+            limit_body(endpoint, request, max)
+        })
         .data(state)
         .catch_all_error(error::problem_from_poem)
         .around(|endpoint, request| async move {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use spool_shared::Settings;
 use spool_shared::amqp::{self, JobEnvelope, Topology};
@@ -68,12 +68,34 @@ impl Publisher {
     /// Publishes the job's message and waits for the broker's confirm.
     pub async fn publish(&self, job_id: Uuid, model: &str) -> Result<(), PublishError> {
         let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
+        let confirm = self.send(&channel, job_id, model).await?;
+        confirmed(confirm).await
+    }
+
+    /// Publishes many jobs' messages pipelined: all are sent before the first confirm is
+    /// awaited. Returns the ids the broker confirmed; the others are the outbox relay's.
+    pub async fn publish_many(&self, job_ids: &[Uuid], model: &str) -> Result<Vec<Uuid>, PublishError> {
+        let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
+        let mut pending = Vec::with_capacity(job_ids.len());
+        for &job_id in job_ids {
+            pending.push((job_id, self.send(&channel, job_id, model).await?));
+        }
+        let mut done = Vec::with_capacity(pending.len());
+        for (job_id, confirm) in pending {
+            if confirmed(confirm).await.is_ok() {
+                done.push(job_id);
+            }
+        }
+        Ok(done)
+    }
+
+    async fn send(&self, channel: &Channel, job_id: Uuid, model: &str) -> Result<PublisherConfirm, PublishError> {
         let envelope = JobEnvelope::new(job_id, model);
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/json".into())
             .with_message_id(job_id.to_string().into());
-        let confirm = channel
+        Ok(channel
             .basic_publish(
                 self.inner.topology.jobs_exchange().into(),
                 model.into(),
@@ -81,15 +103,7 @@ impl Publisher {
                 &envelope.to_bytes(),
                 properties,
             )
-            .await?;
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
-        // A returned message (no queue bound for the model) is acked but not stored.
-        if !confirmation.is_ack() || confirmation.take_message().is_some() {
-            return Err(PublishError::Nacked);
-        }
-        Ok(())
+            .await?)
     }
 
     /// Notes that the job's message is safely in the broker (written in batches).
@@ -97,6 +111,17 @@ impl Publisher {
         // If the buffer is full the relay will publish the job again: harmless.
         let _ = self.inner.published.try_send(job_id);
     }
+}
+
+/// Waits for a publish's confirm. A returned message (no queue bound for the model) is
+/// acked but not stored: that is a failure too.
+async fn confirmed(confirm: PublisherConfirm) -> Result<(), PublishError> {
+    let confirmation =
+        tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await.map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+    if !confirmation.is_ack() || confirmation.take_message().is_some() {
+        return Err(PublishError::Nacked);
+    }
+    Ok(())
 }
 
 async fn keep_connected(settings: Settings, models: Vec<String>, inner: Arc<Inner>, shutdown: CancellationToken) {

@@ -116,6 +116,10 @@ pub struct ApiSettings {
     pub outbox_grace_ms: u64,
     /// Largest page `GET /v1/jobs` returns.
     pub max_page_size: u64,
+    /// Most items one `POST /v1/batches` may carry.
+    pub max_batch_items: usize,
+    /// Largest `POST /v1/batches` body, in bytes (other requests: `max_body_bytes`).
+    pub max_batch_bytes: usize,
 }
 
 impl Default for ApiSettings {
@@ -127,6 +131,8 @@ impl Default for ApiSettings {
             outbox_interval_ms: 1_000,
             outbox_grace_ms: 5_000,
             max_page_size: 100,
+            max_batch_items: 10_000,
+            max_batch_bytes: 50 * 1024 * 1024,
         }
     }
 }

@@ -179,7 +179,7 @@ pub enum ListJobsResponse {
 pub struct JobsApi;
 
 /// Checks a per-job webhook and makes sure the account has a secret to sign it with.
-async fn job_webhook(
+pub(crate) async fn job_webhook(
     state: &AppState,
     owner: Uuid,
     url: &str,

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batches;
 pub mod health;
 pub mod jobs;
 pub mod me;

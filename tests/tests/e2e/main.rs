@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod batches;
 mod cli;
 mod failures;
 mod http;

@@ -1,0 +1,235 @@
+//! `/v1/batches`: many jobs under one handle, as JSON or NDJSON.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use poem::Body;
+use poem::web::Data;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::{Binary, Json};
+use poem_openapi::{ApiRequest, ApiResponse, Object, OpenApi};
+use uuid::Uuid;
+
+use super::ApiTags;
+use super::jobs::job_webhook;
+use crate::auth::{BearerAuth, Scope};
+use crate::batches::{self, BatchItem, Submission};
+use crate::error::ApiError;
+use crate::jobs::IdempotencyKey;
+use crate::state::AppState;
+
+#[derive(Object)]
+pub struct BatchItemRequest {
+    /// The model's input, matching its input schema.
+    pub input: serde_json::Value,
+    /// Your own id for the item (≤ 255 characters), echoed in the results.
+    pub custom_id: Option<String>,
+}
+
+#[derive(Object)]
+pub struct CreateBatchRequest {
+    pub model: String,
+    pub items: Vec<BatchItemRequest>,
+    /// Per-job webhook for every job of the batch; it also receives `batch.completed`.
+    #[oai(validator(max_length = 2048))]
+    pub webhook: Option<String>,
+    /// Which job events go to `webhook`: `started`, `completed` (default `["completed"]`).
+    #[oai(validator(max_items = 2))]
+    pub webhook_events: Option<Vec<String>>,
+}
+
+#[derive(ApiRequest)]
+pub enum CreateBatchBody {
+    /// `{model, items: [{input, custom_id?}], webhook?, webhook_events?}`
+    Json(Json<CreateBatchRequest>),
+    /// One `{input, custom_id?}` per line; the model goes in the `model` query parameter.
+    #[oai(content_type = "application/x-ndjson")]
+    Ndjson(Binary<Vec<u8>>),
+}
+
+#[derive(Object)]
+pub struct Batch {
+    pub id: Uuid,
+    pub model: String,
+    pub total: i32,
+    /// Jobs per status: `queued`, `running`, `succeeded`, `failed`, `canceled`.
+    pub counts: BTreeMap<String, i64>,
+    /// Finished jobs over all, 0–1.
+    pub progress: f64,
+    pub created_at: DateTime<Utc>,
+    /// When the last job finished.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl From<batches::Batch> for Batch {
+    fn from(b: batches::Batch) -> Self {
+        Self {
+            progress: b.progress(),
+            id: b.id,
+            model: b.model,
+            total: b.total,
+            counts: b.counts,
+            created_at: b.created_at,
+            completed_at: b.completed_at,
+        }
+    }
+}
+
+#[derive(Object)]
+pub struct BatchPage {
+    pub data: Vec<Batch>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Object)]
+pub struct CanceledCount {
+    /// Jobs canceled (those not yet started).
+    pub canceled: u64,
+}
+
+#[derive(ApiResponse)]
+pub enum CreateBatchResponse {
+    /// Accepted: every job is committed and will run.
+    #[oai(status = 202)]
+    Accepted(Json<Batch>, #[oai(header = "Location")] String),
+    /// A replay of an earlier request with the same `Idempotency-Key` and body.
+    #[oai(status = 200)]
+    Replayed(Json<Batch>, #[oai(header = "Idempotent-Replayed")] String),
+}
+
+#[derive(ApiResponse)]
+pub enum BatchResponse {
+    #[oai(status = 200)]
+    Ok(Json<Batch>),
+}
+
+#[derive(ApiResponse)]
+pub enum BatchListResponse {
+    #[oai(status = 200)]
+    Ok(Json<BatchPage>),
+}
+
+#[derive(ApiResponse)]
+pub enum ResultsResponse {
+    /// NDJSON, one line per job in submission order: `{custom_id, job_id, status, output | error}`.
+    #[oai(status = 200, content_type = "application/x-ndjson")]
+    Ok(Binary<Body>),
+}
+
+#[derive(ApiResponse)]
+pub enum CancelBatchResponse {
+    #[oai(status = 200)]
+    Ok(Json<CanceledCount>),
+}
+
+pub struct BatchesApi;
+
+#[OpenApi(prefix_path = "/v1/batches", tag = "ApiTags::Jobs")]
+impl BatchesApi {
+    /// Submit a batch of jobs (JSON or NDJSON), all or nothing
+    #[oai(path = "/", method = "post", operation_id = "create_batch")]
+    async fn create(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        /// The model, for an NDJSON body.
+        model: Query<Option<String>>,
+        body: CreateBatchBody,
+    ) -> Result<CreateBatchResponse, ApiError> {
+        auth.0.require_api(Scope::JobsWrite)?;
+        let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
+        let (model, items, webhook, events) = match body {
+            CreateBatchBody::Json(Json(request)) => {
+                let items = request.items.into_iter().map(|i| BatchItem { input: i.input, custom_id: i.custom_id });
+                (request.model, items.collect(), request.webhook, request.webhook_events)
+            }
+            CreateBatchBody::Ndjson(Binary(bytes)) => {
+                let model = model.0.ok_or_else(|| ApiError::InvalidRequest("an NDJSON batch needs ?model=".into()))?;
+                (model, batches::parse_ndjson(&bytes)?, None, None)
+            }
+        };
+        batches::validate(&state.catalog, &model, &items, state.settings.api.max_batch_items)?;
+        let webhook = match webhook {
+            Some(url) => Some(job_webhook(&state, auth.0.user_id, &url, events).await?),
+            None => None,
+        };
+        state.workers.check_model(&model).await?;
+        match batches::submit(&state.db, &state.publisher, auth.0.user_id, &model, items, key, webhook).await? {
+            Submission::Created(batch) => {
+                let location = format!("/v1/batches/{}", batch.id);
+                Ok(CreateBatchResponse::Accepted(Json(batch.into()), location))
+            }
+            Submission::Replayed(batch) => Ok(CreateBatchResponse::Replayed(Json(batch.into()), "true".into())),
+        }
+    }
+
+    /// Your batches, newest first
+    #[oai(path = "/", method = "get", operation_id = "list_batches")]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// 1–100 (default 20).
+        limit: Query<Option<u64>>,
+        cursor: Query<Option<String>>,
+    ) -> Result<BatchListResponse, ApiError> {
+        auth.0.require_api(Scope::JobsRead)?;
+        let limit = limit.0.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(ApiError::InvalidRequest("limit must be between 1 and 100".into()));
+        }
+        let after = cursor
+            .0
+            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidRequest("invalid cursor".into())))
+            .transpose()?;
+        let mut rows = batches::list(&state.db, auth.0.user_id, limit + 1, after).await?;
+        let next_cursor = if rows.len() as u64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|b| b.id.to_string())
+        } else {
+            None
+        };
+        Ok(BatchListResponse::Ok(Json(BatchPage { data: rows.into_iter().map(Into::into).collect(), next_cursor })))
+    }
+
+    /// A batch's progress: counts per status
+    #[oai(path = "/:id", method = "get", operation_id = "get_batch")]
+    async fn get(&self, state: Data<&AppState>, auth: BearerAuth, id: Path<String>) -> Result<BatchResponse, ApiError> {
+        auth.0.require_api(Scope::JobsRead)?;
+        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        Ok(BatchResponse::Ok(Json(batch.into())))
+    }
+
+    /// A batch's results as NDJSON, in submission order (streamed)
+    #[oai(path = "/:id/results", method = "get", operation_id = "get_batch_results")]
+    async fn results(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<ResultsResponse, ApiError> {
+        auth.0.require_api(Scope::JobsRead)?;
+        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let lines = batches::results(state.db.clone(), batch.id);
+        Ok(ResultsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
+    }
+
+    /// Cancel the batch's jobs that have not started
+    #[oai(path = "/:id/cancel", method = "post", operation_id = "cancel_batch")]
+    async fn cancel(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<CancelBatchResponse, ApiError> {
+        auth.0.require_api(Scope::JobsWrite)?;
+        let canceled = batches::cancel(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        Ok(CancelBatchResponse::Ok(Json(CanceledCount { canceled })))
+    }
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BatchNotFound)
+}

@@ -1,0 +1,185 @@
+//! Batches: thousands of jobs under one handle, as a script submits them.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spool_api::auth::Scope;
+use spool_tests::receiver::Receiver;
+use spool_tests::{AppOptions, StatusCode, TestApp, model_file, test_settings};
+
+async fn batch(app: &TestApp, id: &str) -> Value {
+    let response = app.client.get(app.url(&format!("/v1/batches/{id}"))).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+async fn wait_complete(app: &TestApp, id: &str, timeout: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let batch = batch(app, id).await;
+        if !batch["completed_at"].is_null() {
+            return batch;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "batch not complete in time: {batch}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn results(app: &TestApp, id: &str) -> Vec<Value> {
+    let response =
+        app.client.get(app.url(&format!("/v1/batches/{id}/results"))).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let text = response.text().await.unwrap();
+    text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+fn post_ndjson(app: &TestApp, model: &str, body: String) -> reqwest::RequestBuilder {
+    app.client
+        .post(app.url(&format!("/v1/batches?model={model}")))
+        .bearer_auth(&app.token)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_digits_come_back_correct_and_in_submission_order() {
+    let app = TestApp::start(test_settings().await, AppOptions::default()).await;
+    let heldout = model_file("digits-cnn/heldout.json");
+    let samples = heldout["samples"].as_array().unwrap();
+    let count = 5_000;
+    let body: String = (0..count)
+        .map(|i| {
+            json!({"input": {"pixels": samples[i % samples.len()]["pixels"]}, "custom_id": format!("item-{i}")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let response = post_ndjson(&app, "digits-cnn", body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["total"], count);
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let done = wait_complete(&app, &id, Duration::from_secs(180)).await;
+    assert_eq!(done["counts"]["succeeded"], count, "{done}");
+    assert_eq!(done["progress"], 1.0);
+    let lines = results(&app, &id).await;
+    assert_eq!(lines.len(), count);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["custom_id"], format!("item-{i}"), "submission order");
+        assert_eq!(line["status"], "succeeded");
+        // Same artifact, same input: exactly PyTorch's prediction.
+        assert_eq!(line["output"]["label"], samples[i % samples.len()]["predicted"], "{line}");
+    }
+
+    // Someone else's batch does not exist for them.
+    let (_, other) = app.new_user_with_token(&[Scope::JobsRead]).await;
+    let response = app.client.get(app.url(&format!("/v1/batches/{id}"))).bearer_auth(&other).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let listed: Value =
+        app.client.get(app.url("/v1/batches")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
+    let app = TestApp::start(test_settings().await, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let good = json!({"input": {"pixels": vec![1; 64]}}).to_string();
+    let body = format!("{good}\n{good}\n{{\"input\": {{\"pixels\": [1, 2\n{good}\n");
+    let response = post_ndjson(&app, "digits-cnn", body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "invalid_input");
+    assert!(problem["errors"][0]["detail"].as_str().unwrap().starts_with("line 3:"), "{problem}");
+
+    let mut items: Vec<Value> = (0..5).map(|_| json!({"input": {"pixels": vec![1; 64]}})).collect();
+    items[3] = json!({"input": {"pixels": vec![99; 64]}});
+    let response = app
+        .client
+        .post(app.url("/v1/batches"))
+        .bearer_auth(&app.token)
+        .json(&json!({"model": "digits-cnn", "items": items}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = response.json().await.unwrap();
+    assert!(problem["errors"][0]["pointer"].as_str().unwrap().starts_with("/items/3/input/pixels"), "{problem}");
+    let jobs: Value =
+        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    assert!(jobs["data"].as_array().unwrap().is_empty(), "all or nothing");
+
+    let response = post_ndjson(&app, "no-such-model", good.clone()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = post_ndjson(&app, "digits-cnn", String::new()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "an empty batch");
+
+    // Idempotency-Key: the same body replays the batch, another body is a conflict.
+    let send = |body: String| post_ndjson(&app, "digits-cnn", body).header("Idempotency-Key", "nightly-42").send();
+    let first: Value = send(good.clone()).await.unwrap().json().await.unwrap();
+    let replay = send(good.clone()).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(replay.json::<Value>().await.unwrap()["id"], first["id"]);
+    assert_eq!(send(format!("{good}\n{good}")).await.unwrap().status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_mid_batch_stops_the_rest_and_the_counts_add_up() {
+    let mut settings = test_settings().await;
+    settings.worker.max_batch_size = Some(1); // slow enough to cancel mid-way
+    settings.worker.batches_in_flight = 1;
+    let mut app =
+        TestApp::start(settings, AppOptions { worker_models: vec![], dispatcher: true, ..Default::default() }).await;
+    let token = app
+        .api_token(app.user_id, &[Scope::Webhooks, Scope::JobsRead, Scope::JobsWrite], Duration::from_secs(600))
+        .await;
+    let receiver = Receiver::start().await;
+    let subscribed = app
+        .client
+        .post(app.url("/v1/webhooks"))
+        .bearer_auth(&token)
+        .json(&json!({"url": receiver.url(), "events": ["batch.completed"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(subscribed.status(), StatusCode::CREATED);
+
+    let body: String = (0..2_000).map(|i| json!({"input": {"pixels": vec![i % 17; 64]}}).to_string() + "\n").collect();
+    let created: Value = post_ndjson(&app, "digits-cnn", body).send().await.unwrap().json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    app.start_worker(&["digits-cnn"]).await;
+    loop {
+        if batch(&app, &id).await["counts"]["succeeded"].as_i64().unwrap() >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let canceled: Value = app
+        .client
+        .post(app.url(&format!("/v1/batches/{id}/cancel")))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let canceled = canceled["canceled"].as_i64().unwrap();
+    assert!(canceled > 0, "jobs were still queued");
+    let done = wait_complete(&app, &id, Duration::from_secs(60)).await;
+    let counts = &done["counts"];
+    let succeeded = counts["succeeded"].as_i64().unwrap();
+    assert_eq!(counts["canceled"].as_i64().unwrap(), canceled, "{done}");
+    assert_eq!(succeeded + canceled, 2_000, "every job accounted for: {done}");
+    assert_eq!((counts["queued"].as_i64(), counts["running"].as_i64()), (Some(0), Some(0)));
+
+    // One batch.completed event, with the same counts.
+    let event = receiver.wait_for(1, Duration::from_secs(15)).await[0].json();
+    assert_eq!(event["type"], "batch.completed");
+    assert_eq!(event["data"]["id"], id.as_str());
+    assert_eq!(event["data"]["counts"]["canceled"], canceled);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1, "once");
+    app.stop_worker().await;
+}
