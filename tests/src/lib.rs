@@ -376,9 +376,20 @@ impl CliRun {
     }
 }
 
-/// Runs the real `spoolctl` binary against `url` with `token` (built once per test run, so
-/// it is never stale). Its user config is pointed at an empty folder.
+/// Runs the real `spoolctl` binary against `url` with `token`, with an empty user config.
 pub async fn spoolctl(url: &str, token: &str, args: &[&str]) -> CliRun {
+    let home = std::env::temp_dir().join(format!("spoolctl-{}", Uuid::now_v7().simple()));
+    spoolctl_with(&home, &[("SPOOL_URL", url), ("SPOOL_TOKEN", token)], args, None).await
+}
+
+/// Runs the real `spoolctl` binary (built once per test run, so it is never stale) with
+/// `config_home` as its XDG config folder, the given environment, and `stdin`.
+pub async fn spoolctl_with(
+    config_home: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CliRun {
     static BUILT: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
     let binary = BUILT
         .get_or_init(|| async {
@@ -392,14 +403,23 @@ pub async fn spoolctl(url: &str, token: &str, args: &[&str]) -> CliRun {
             std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("spoolctl")
         })
         .await;
-    let output = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    command
         .args(args)
-        .env("SPOOL_URL", url)
-        .env("SPOOL_TOKEN", token)
-        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("spoolctl-tests-no-config"))
-        .output()
-        .await
-        .unwrap();
+        .env_remove("SPOOL_URL")
+        .env_remove("SPOOL_TOKEN")
+        .envs(env.iter().copied())
+        .env("XDG_CONFIG_HOME", config_home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        tokio::io::AsyncWriteExt::write_all(&mut input, text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let output = child.wait_with_output().await.unwrap();
     CliRun {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into(),

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use serde_json::json;
-use spool_tests::{AppOptions, TestApp, spoolctl, test_settings};
+use spool_api::auth::Role;
+use spool_api::identity::accounts::{self, Email};
+use spool_api::identity::passwords::NewPassword;
+use spool_tests::{AppOptions, TestApp, spoolctl, spoolctl_with, test_settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoolctl_dlq_lists_shows_requeues_and_purges_dead_letters() {
@@ -57,4 +60,89 @@ async fn spoolctl_dlq_lists_shows_requeues_and_purges_dead_letters() {
     assert_eq!(purged.stdout.trim(), "purged 2 dead letter(s)", "the requeued one failed again");
     let empty = spoolctl(&url, &operator, &["--json", "dlq", "list"]).await;
     assert!(empty.json()["data"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
+    let app = TestApp::start(test_settings().await, AppOptions::default()).await;
+    let url = app.url("");
+    let home = std::env::temp_dir().join(format!("spoolctl-login-{}", uuid::Uuid::now_v7().simple()));
+    let email = format!("cli-{}@example.com", uuid::Uuid::now_v7().simple());
+    let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
+    accounts::create_verified_user(&app.db, &Email::parse(&email).unwrap(), password, Role::User).await.unwrap();
+
+    // login: the password comes on stdin; the token lands in the config file, 0600.
+    let wrong =
+        spoolctl_with(&home, &[("SPOOL_URL", &url)], &["login", "--email", &email], Some("nope-nope-nope\n")).await;
+    assert_eq!(wrong.code, 3, "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("invalid_credentials"), "{}", wrong.stderr);
+    let login =
+        spoolctl_with(&home, &[("SPOOL_URL", &url)], &["login", "--email", &email], Some("correct-horse-staple-9\n"))
+            .await;
+    assert_eq!(login.code, 0, "{}", login.stderr);
+    let config = home.join("spool/config.toml");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let with_config = |args: &'static [&'static str]| spoolctl_with(&home, &[], args, None);
+
+    // jobs submit --wait uses the saved URL and token.
+    let job = spoolctl_with(
+        &home,
+        &[],
+        &[
+            "--json",
+            "jobs",
+            "submit",
+            "--model",
+            "digits-cnn",
+            "--input",
+            &json!({"pixels": vec![5; 64]}).to_string(),
+            "--wait",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(job.code, 0, "{}", job.stderr);
+    let job = job.json();
+    assert_eq!(job["status"], "succeeded");
+    let listed = with_config(&["--json", "jobs", "list"]).await.json();
+    assert_eq!(listed["data"][0]["id"], job["id"]);
+    let bad = with_config(&["jobs", "submit", "--model", "digits-cnn", "--input", "{\"pixels\": [1]}"]).await;
+    assert_eq!(bad.code, 3, "a 422 from the API");
+    assert!(bad.stderr.contains("/input/pixels"), "{}", bad.stderr);
+    let unreadable = with_config(&["jobs", "submit", "--model", "digits-cnn", "--input", "@/nonexistent.json"]).await;
+    assert_eq!(unreadable.code, 1, "{}", unreadable.stderr);
+
+    // batch submit --wait --output: 300 items, results in order.
+    let dir = std::env::temp_dir().join(format!("spoolctl-batch-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("digits.jsonl");
+    let lines: String = (0..300)
+        .map(|i| json!({"input": {"pixels": vec![i % 17; 64]}, "custom_id": format!("row-{i}")}).to_string() + "\n")
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let results = dir.join("results.jsonl");
+    let args = [
+        "--json",
+        "batch",
+        "submit",
+        input.to_str().unwrap(),
+        "--model",
+        "digits-cnn",
+        "--wait",
+        "--output",
+        results.to_str().unwrap(),
+    ];
+    let batch = spoolctl_with(&home, &[], &args, None).await;
+    assert_eq!(batch.code, 0, "{}", batch.stderr);
+    let batch = batch.json();
+    assert_eq!(batch["counts"]["succeeded"], 300, "{batch}");
+    assert_eq!(batch["progress"], 1.0);
+    let saved: Vec<serde_json::Value> =
+        std::fs::read_to_string(&results).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(saved.len(), 300);
+    assert!(saved.iter().enumerate().all(|(i, l)| l["custom_id"] == format!("row-{i}") && l["output"].is_object()));
+    let id = batch["id"].as_str().unwrap();
+    let status = spoolctl_with(&home, &[], &["batch", "status", id], None).await;
+    assert!(status.stdout.contains("succeeded") && status.stdout.contains("300"), "{}", status.stdout);
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// `~/.config/spool/config.toml`; `SPOOL_URL` and `SPOOL_TOKEN` override it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 pub struct ClientConfig {
     pub url: Option<String>,
     pub token: Option<String>,
@@ -55,6 +55,9 @@ pub enum CliError {
     /// The API could not be reached or failed (network error, 5xx).
     #[error("{0}")]
     Unavailable(String),
+    /// The request worked, but what was awaited ended badly (a job failed or was canceled).
+    #[error("{0}")]
+    Unsuccessful(String),
 }
 
 impl CliError {
@@ -63,6 +66,7 @@ impl CliError {
             Self::Local(_) => 1,
             Self::Refused(_) => 3,
             Self::Unavailable(_) => 4,
+            Self::Unsuccessful(_) => 5,
         })
     }
 }
@@ -110,6 +114,27 @@ impl Client {
         self.send(Method::DELETE, path, query, None).await
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A request to the API with the configured token.
+    pub fn request(&self, method: Method, path: &str) -> Result<reqwest::RequestBuilder, CliError> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            CliError::Local("no API token: set SPOOL_TOKEN or run `spoolctl login` (see --help)".into())
+        })?;
+        Ok(self.http.request(method, format!("{}{path}", self.base)).bearer_auth(token))
+    }
+
+    /// A request without the configured token (logging in), or with another one.
+    pub fn request_as(&self, method: Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -117,15 +142,30 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, CliError> {
-        let token = self.token.as_deref().ok_or_else(|| {
-            CliError::Local("no API token: set SPOOL_TOKEN or run `spoolctl login` (see --help)".into())
-        })?;
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(token).query(query);
+        let mut request = self.request(method, path)?.query(query);
         if let Some(body) = body {
             request = request.json(body);
         }
+        self.json(request).await
+    }
+
+    /// Sends the request and reads a JSON answer, mapping failures onto [`CliError`].
+    pub async fn json(&self, request: reqwest::RequestBuilder) -> Result<Value, CliError> {
+        let response = self.execute(request).await?;
+        let bytes = response.bytes().await.map_err(|e| CliError::Unavailable(e.to_string()))?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Unavailable(format!("unreadable answer: {e}")))
+    }
+
+    /// Sends the request; a non-2xx answer becomes the matching [`CliError`].
+    pub async fn execute(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, CliError> {
         let response = request.send().await.map_err(|e| CliError::Unavailable(format!("{}: {e}", self.base)))?;
         let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
         let bytes = response.bytes().await.map_err(|e| CliError::Unavailable(e.to_string()))?;
         let body: Value = if bytes.is_empty() {
             Value::Null
@@ -133,12 +173,11 @@ impl Client {
             serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         match status {
-            s if s.is_success() => Ok(body),
             s if s.is_client_error() && body.get("code").is_some() => Err(CliError::Refused(body)),
             StatusCode::SERVICE_UNAVAILABLE if body.get("code").is_some() => {
                 Err(CliError::Unavailable(describe_problem(&body)))
             }
-            s => Err(CliError::Unavailable(format!("{path}: HTTP {s}"))),
+            s => Err(CliError::Unavailable(format!("{}: HTTP {s}", self.base))),
         }
     }
 }

@@ -3,8 +3,11 @@
 //! (keys, the first operator, development tokens) talk to the database directly, with the
 //! server's configuration.
 
+mod account;
+mod batch;
 mod client;
 mod dlq;
+mod jobs;
 mod output;
 
 use std::io::Read;
@@ -26,7 +29,8 @@ use spool_shared::{Settings, db};
     version,
     about = "Spool command-line tool",
     after_help = "Exit codes: 0 success, 1 bad local input or configuration, 2 bad arguments, \
-                  3 the API refused the request, 4 the API is unreachable or failing."
+                  3 the API refused the request, 4 the API is unreachable or failing, 5 what was awaited \
+                  (a job, a batch) did not succeed."
 )]
 struct Cli {
     /// Print the API's JSON instead of tables.
@@ -38,6 +42,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sign in: create an API token and save it in ~/.config/spool/config.toml.
+    Login {
+        #[command(flatten)]
+        request: account::TokenRequest,
+    },
+    /// Jobs: submit, get, list, cancel.
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
+    /// Batches: submit an NDJSON file, follow it, fetch its results.
+    Batch {
+        #[command(subcommand)]
+        command: batch::BatchCommand,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -78,6 +97,11 @@ enum OperatorCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
+    /// Create an API token with your email and password (read from standard input).
+    Create {
+        #[command(flatten)]
+        request: account::TokenRequest,
+    },
     /// Issue an API token for an account, creating a verified account with a random
     /// password if the address has none (for development and for operators' scripts).
     Mint {
@@ -105,6 +129,12 @@ fn main() -> ExitCode {
     };
     let local = |result: anyhow::Result<()>| result.map_err(|e| client::CliError::Local(format!("{e:#}")));
     let outcome = match cli.command {
+        Command::Login { request } => runtime.block_on(account::login(request, cli.json)),
+        Command::Jobs { command } => runtime.block_on(jobs::run(command, cli.json)),
+        Command::Batch { command } => runtime.block_on(batch::run(command, cli.json)),
+        Command::Token { command: TokenCommand::Create { request } } => {
+            runtime.block_on(account::token(request, cli.json))
+        }
         Command::Dlq { command } => runtime.block_on(dlq::run(command, cli.json)),
         Command::Keys { command: KeysCommand::Generate } => local(generate_keys()),
         Command::Operator { command: OperatorCommand::Create { email } } => {
