@@ -183,3 +183,33 @@ async fn canceling_mid_batch_stops_the_rest_and_the_counts_add_up() {
     assert_eq!(receiver.received().len(), 1, "once");
     app.stop_worker().await;
 }
+
+/// The examples in `examples/` work against the real stack, as a user would run them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_scripts_submit_a_batch_and_collect_the_results() {
+    let app = TestApp::start(test_settings().await, AppOptions::default()).await;
+    let examples = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let python = std::env::var("SPOOL_PYTHON").unwrap_or_else(|_| "python3".into());
+    for (program, script) in [(python.as_str(), "batch.py"), ("bash", "batch.sh")] {
+        let output = tokio::process::Command::new(program)
+            .arg(examples.join(script))
+            .arg("250")
+            .env("SPOOL_URL", app.url(""))
+            .env("SPOOL_TOKEN", &app.token)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{script}: {stderr}");
+        let lines: Vec<Value> =
+            String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 250, "{script}");
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(line["custom_id"], format!("img-{i}"), "{script}: submission order");
+            assert_eq!(line["status"], "succeeded");
+            assert!((0..=9).contains(&line["label"].as_i64().unwrap()), "{script}: {line}");
+        }
+        let counts: Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+        assert_eq!(counts["succeeded"], 250, "{script}: {stderr}");
+    }
+}
