@@ -8,6 +8,7 @@ mod m20261124_000003_add_dead_letters;
 mod m20261124_000004_add_start_deadline;
 mod m20261124_000006_create_webhooks;
 mod m20261125_000007_create_batches;
+mod m20261125_000008_index_queued_jobs;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_add_start_deadline::Migration),
             Box::new(m20261124_000006_create_webhooks::Migration),
             Box::new(m20261125_000007_create_batches::Migration),
+            Box::new(m20261125_000008_index_queued_jobs::Migration),
         ]
     }
 }

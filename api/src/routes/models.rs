@@ -22,6 +22,13 @@ pub struct Model {
     pub output_schema: serde_json::Value,
     /// Most jobs one forward pass runs together.
     pub max_batch_size: u64,
+    /// Jobs waiting to run (queued, including those waiting for a retry).
+    pub queue_depth: u64,
+    /// Live workers serving it; absent when Redis cannot be asked.
+    pub workers_online: Option<u32>,
+    /// `accepting`, `no_worker` (jobs still queue), `breakers_open` or `failing` (both:
+    /// submissions get `503 model_unavailable`); absent when Redis cannot be asked.
+    pub health: Option<String>,
 }
 
 #[derive(Debug, Object)]
@@ -35,6 +42,21 @@ pub enum ListModelsResponse {
     Ok(Json<ModelList>),
 }
 
+/// Queued jobs per model (an index covers exactly these rows).
+async fn queue_depths(db: &sea_orm::DatabaseConnection) -> Result<std::collections::HashMap<String, u64>, ApiError> {
+    use sea_orm::ConnectionTrait;
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT model, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY model",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get::<String>("", "model")?, row.try_get::<i64>("", "n")? as u64)))
+        .collect::<Result<_, sea_orm::DbErr>>()
+        .map_err(Into::into)
+}
+
 pub struct ModelsApi;
 
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Models")]
@@ -43,6 +65,8 @@ impl ModelsApi {
     #[oai(path = "/models", method = "get", operation_id = "list_models")]
     async fn list(&self, state: Data<&AppState>, _auth: BearerAuth) -> Result<ListModelsResponse, ApiError> {
         // Any valid token of any kind may look at the catalog.
+        let depths = queue_depths(&state.db).await?;
+        let workers = state.workers.live().await;
         let data = state
             .catalog
             .specs()
@@ -53,6 +77,11 @@ impl ModelsApi {
                 input_schema: spec.input_schema.clone(),
                 output_schema: spec.output_schema.clone(),
                 max_batch_size: spec.max_batch_size as u64,
+                queue_depth: depths.get(&spec.name).copied().unwrap_or(0),
+                workers_online: workers
+                    .as_ref()
+                    .map(|w| w.iter().filter(|beat| beat.models.contains_key(&spec.name)).count() as u32),
+                health: workers.as_ref().map(|w| state.workers.health(&spec.name, w).as_str().to_owned()),
             })
             .collect();
         Ok(ListModelsResponse::Ok(Json(ModelList { data })))

@@ -46,4 +46,15 @@ async fn service_endpoints_answer() {
     let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["digits-cnn", "minilm-embed"]);
     assert_eq!(models["data"][0]["input_schema"]["properties"]["pixels"]["minItems"], 64);
+
+    // No worker runs here: jobs wait, and the catalog says so.
+    for _ in 0..2 {
+        app.submit("digits-cnn", serde_json::json!({"pixels": vec![0; 64]})).await;
+    }
+    let models: Value =
+        app.client.get(app.url("/v1/models")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let digits = &models["data"][0];
+    assert_eq!((digits["queue_depth"].as_u64(), digits["workers_online"].as_u64()), (Some(2), Some(0)), "{digits}");
+    assert_eq!(digits["health"], "no_worker");
+    assert_eq!(models["data"][1]["queue_depth"], 0);
 }
