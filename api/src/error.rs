@@ -123,7 +123,23 @@ fn describe(errors: &[FieldError]) -> String {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(error: sea_orm::DbErr) -> Self {
+        // PostgreSQL refuses NUL characters in text and jsonb. They can only come from a
+        // client's input, so they are the client's error, not a 500.
+        if matches!(sqlstate(&error).as_deref(), Some("22P05" | "22021")) {
+            return Self::InvalidRequest("text may not contain NUL (\\u0000) characters".into());
+        }
         Self::Unexpected(anyhow::Error::new(error).context("database"))
+    }
+}
+
+/// The SQLSTATE of a database error, when PostgreSQL answered one.
+fn sqlstate(error: &sea_orm::DbErr) -> Option<String> {
+    use sea_orm::{DbErr, RuntimeErr};
+    match error {
+        DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => {
+            e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned())
+        }
+        _ => None,
     }
 }
 
