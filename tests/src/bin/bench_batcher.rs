@@ -1,0 +1,90 @@
+//! The dynamic batcher: 64 concurrent clients each submitting single minilm-embed jobs
+//! and waiting for them (`Prefer: wait`), first with the manifest's batching, then with
+//! `max_batch_size` 1 in the same run. Prints throughput and the mean batch size the jobs
+//! ran in. Real PostgreSQL, RabbitMQ and worker (CPU). Run with `scripts/bench/batcher`.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use serde_json::json;
+use spool_tests::{AppOptions, TestApp, test_settings};
+
+const SENTENCES: &[&str] = &[
+    "a cat sits on the mat",
+    "the quarterly report shows revenue growing faster than costs",
+    "how do I reset my password if I no longer have access to my email",
+    "stock markets fell sharply after the central bank raised interest rates",
+    "the recipe needs two cups of flour, one egg and a pinch of salt",
+    "our flight was delayed by three hours because of the storm",
+];
+
+async fn run(max_batch_size: Option<usize>, clients: usize, seconds: u64) -> (f64, f64, usize) {
+    let mut settings = test_settings().await;
+    settings.worker.max_batch_size = max_batch_size;
+    settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    let mut app = Arc::new(
+        TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await,
+    );
+    let done = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let (app, done) = (Arc::clone(&app), Arc::clone(&done));
+        tasks.spawn(async move {
+            let mut n = client;
+            while Instant::now() < deadline {
+                let body = json!({"model": "minilm-embed", "input": {"text": SENTENCES[n % SENTENCES.len()]}});
+                let response = app
+                    .client
+                    .post(app.url("/v1/jobs"))
+                    .bearer_auth(&app.token)
+                    .header("Prefer", "wait=30")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "finished within the wait");
+                done.fetch_add(1, Ordering::Relaxed);
+                n += clients;
+            }
+        });
+    }
+    let started = Instant::now();
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let mean: f64 = app
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT avg(batch_size)::float8 AS mean FROM jobs WHERE status = 'succeeded'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "mean")
+        .unwrap();
+    let jobs = done.load(Ordering::Relaxed);
+    if let Some(app) = Arc::get_mut(&mut app) {
+        app.stop_worker().await;
+    }
+    (jobs as f64 / elapsed, mean, jobs)
+}
+
+#[tokio::main]
+async fn main() {
+    let clients = 64;
+    let seconds = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let (batched, batched_mean, batched_jobs) = run(None, clients, seconds).await;
+    let (single, single_mean, single_jobs) = run(Some(1), clients, seconds).await;
+    println!("minilm-embed, {clients} clients submitting one job each and waiting, {seconds} s per run, CPU:");
+    println!(
+        "  manifest batching (max 32):  {batched:.0} jobs/s ({batched_jobs} jobs), mean batch size {batched_mean:.1}"
+    );
+    println!(
+        "  max_batch_size 1:            {single:.0} jobs/s ({single_jobs} jobs), mean batch size {single_mean:.1}"
+    );
+    println!("  batching gives {:.2}x the throughput", batched / single);
+}
