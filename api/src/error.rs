@@ -128,7 +128,28 @@ impl From<sea_orm::DbErr> for ApiError {
         if matches!(sqlstate(&error).as_deref(), Some("22P05" | "22021")) {
             return Self::InvalidRequest("text may not contain NUL (\\u0000) characters".into());
         }
+        if is_outage(&error) {
+            tracing::warn!(error.cause_chain = ?error, "database unavailable");
+            return Self::Unavailable("database".into());
+        }
         Self::Unexpected(anyhow::Error::new(error).context("database"))
+    }
+}
+
+/// Whether the database is unreachable or restarting (a 503 to retry), rather than the
+/// request having failed.
+fn is_outage(error: &sea_orm::DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    use sea_orm::{DbErr, RuntimeErr};
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => true,
+            // 08: connection exceptions; 57P01–57P03: admin shutdown, crash shutdown, cannot connect now.
+            Sqlx::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        },
+        _ => false,
     }
 }
 

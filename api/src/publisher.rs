@@ -6,6 +6,7 @@
 //! confirm, before `published_at` was written); the worker's conditional state
 //! transitions make the second copy harmless.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use spool_shared::Settings;
 use spool_shared::amqp::{self, JobEnvelope, Topology};
 use tokio::sync::{RwLock, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -69,21 +71,38 @@ impl Publisher {
     pub async fn publish(&self, job_id: Uuid, model: &str) -> Result<(), PublishError> {
         let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
         let confirm = self.send(&channel, job_id, model).await?;
-        confirmed(confirm).await
+        confirmed(confirm, Instant::now() + CONFIRM_TIMEOUT).await
     }
 
     /// Publishes many jobs' messages pipelined: all are sent before the first confirm is
     /// awaited. Returns the ids the broker confirmed; the others are the outbox relay's.
+    /// Sending and confirming each get one `CONFIRM_TIMEOUT` for all the messages, so a
+    /// stalled broker holds the caller seconds, not seconds per message.
     pub async fn publish_many(&self, job_ids: &[Uuid], model: &str) -> Result<Vec<Uuid>, PublishError> {
         let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
+        let sending_deadline = Instant::now() + CONFIRM_TIMEOUT;
         let mut pending = Vec::with_capacity(job_ids.len());
         for &job_id in job_ids {
-            pending.push((job_id, self.send(&channel, job_id, model).await?));
+            let sent = tokio::time::timeout_at(sending_deadline, self.send(&channel, job_id, model))
+                .await
+                .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
+            match sent {
+                Ok(confirm) => pending.push((job_id, confirm)),
+                Err(error) if pending.is_empty() => return Err(error),
+                Err(error) => {
+                    // What was sent may still be confirmed; the rest is the relay's.
+                    tracing::warn!(%error, sent = pending.len(), of = job_ids.len(), "publishing stopped early");
+                    break;
+                }
+            }
         }
+        let confirming_deadline = Instant::now() + CONFIRM_TIMEOUT;
         let mut done = Vec::with_capacity(pending.len());
         for (job_id, confirm) in pending {
-            if confirmed(confirm).await.is_ok() {
-                done.push(job_id);
+            match confirmed(confirm, confirming_deadline).await {
+                Ok(()) => done.push(job_id),
+                Err(PublishError::Timeout(_)) => break,
+                Err(_) => {}
             }
         }
         Ok(done)
@@ -113,11 +132,11 @@ impl Publisher {
     }
 }
 
-/// Waits for a publish's confirm. A returned message (no queue bound for the model) is
-/// acked but not stored: that is a failure too.
-async fn confirmed(confirm: PublisherConfirm) -> Result<(), PublishError> {
+/// Waits until `deadline` for a publish's confirm. A returned message (no queue bound for
+/// the model) is acked but not stored: that is a failure too.
+async fn confirmed(confirm: PublisherConfirm, deadline: Instant) -> Result<(), PublishError> {
     let confirmation =
-        tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await.map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+        tokio::time::timeout_at(deadline, confirm).await.map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
     if !confirmation.is_ack() || confirmation.take_message().is_some() {
         return Err(PublishError::Nacked);
     }
@@ -163,7 +182,7 @@ async fn keep_connected(settings: Settings, models: Vec<String>, inner: Arc<Inne
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(Duration::from_secs(2)); // brokers restart in seconds: notice soon
     }
 }
 
@@ -227,19 +246,23 @@ pub async fn relay_once(db: &DatabaseConnection, publisher: &Publisher, grace_ms
                 WHERE published_at IS NULL AND status = 'queued'
                   AND created_at < now() - make_interval(secs => $1::double precision / 1000)
                 ORDER BY created_at
-                LIMIT 500
+                LIMIT 2000
                 FOR UPDATE SKIP LOCKED"#,
             [grace_ms.into()],
         ))
         .await?;
-    let mut published = Vec::with_capacity(rows.len());
+    // Pipelined per model: a batch committed while the broker was down goes out in a few
+    // passes, not one confirm round trip per job.
+    let mut by_model: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
     for row in rows {
-        let id: Uuid = row.try_get("", "id")?;
-        let model: String = row.try_get("", "model")?;
-        match publisher.publish(id, &model).await {
-            Ok(()) => published.push(id),
+        by_model.entry(row.try_get("", "model")?).or_default().push(row.try_get("", "id")?);
+    }
+    let mut published = Vec::new();
+    for (model, ids) in &by_model {
+        match publisher.publish_many(ids, model).await {
+            Ok(confirmed) => published.extend(confirmed),
             Err(error) => {
-                tracing::warn!(%error, job_id = %id, "outbox relay could not publish");
+                tracing::warn!(%error, %model, "outbox relay could not publish");
                 break;
             }
         }

@@ -117,7 +117,7 @@ impl Application {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(backoff) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = (backoff * 2).min(Duration::from_secs(2)); // notice a restarted broker soon
                         continue;
                     }
                 },
