@@ -28,6 +28,10 @@ const CHUNK: usize = 1_000;
 pub struct BatchItem {
     pub input: Value,
     pub custom_id: Option<String>,
+    /// Its line in an NDJSON body (1-based), which errors name; blank lines make it
+    /// differ from the item's index.
+    #[serde(skip)]
+    pub line: Option<usize>,
 }
 
 /// Reads an NDJSON body: one `{input, custom_id?}` per line (blank lines skipped).
@@ -41,7 +45,7 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<BatchItem>, ApiError> {
             continue;
         }
         match serde_json::from_str::<BatchItem>(line) {
-            Ok(item) => items.push(item),
+            Ok(item) => items.push(BatchItem { line: Some(number), ..item }),
             Err(error) if errors.len() < MAX_ERRORS => errors.push(FieldError {
                 pointer: format!("/items/{}", items.len() + errors.len()),
                 detail: format!("line {number}: {error}"),
@@ -53,7 +57,8 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<BatchItem>, ApiError> {
 }
 
 /// Checks the model, the item count, each input against the model's schema and each
-/// `custom_id`; one bad item refuses the whole batch, naming the first few.
+/// `custom_id`; one bad item refuses the whole batch, naming the first few (by line for
+/// NDJSON; the pointers are `/items/<index>/…` either way).
 pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_items: usize) -> Result<(), ApiError> {
     if !catalog.names().iter().any(|m| m == model) {
         return Err(ApiError::ModelNotFound(model.to_owned()));
@@ -69,24 +74,54 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
         if errors.len() >= MAX_ERRORS {
             break;
         }
-        let line = index + 1;
-        if item.custom_id.as_ref().is_some_and(|id| id.len() > 255) {
-            errors.push(FieldError {
-                pointer: format!("/items/{index}/custom_id"),
-                detail: format!("item {line}: longer than 255 characters"),
-            });
+        let at = |pointer: String, detail: String| FieldError {
+            pointer: format!("/items/{index}{pointer}"),
+            detail: match item.line {
+                Some(line) => format!("line {line}: {detail}"),
+                None => detail,
+            },
+        };
+        if let Some(id) = &item.custom_id {
+            if id.chars().count() > 255 {
+                errors.push(at("/custom_id".into(), "longer than 255 characters".into()));
+            }
+            if id.contains('\0') {
+                errors.push(at("/custom_id".into(), NUL_DETAIL.into()));
+            }
         }
-        // Validation takes the input by value; a clone per item is the price of reusing
-        // the single-job validator.
-        if let Err(ApiError::InvalidInput(found)) = catalog.validate(model, item.input.clone()) {
-            errors.extend(found.into_iter().map(|e| FieldError {
-                pointer: format!("/items/{index}{}", e.pointer),
-                detail: format!("item {line}: {}", e.detail),
-            }));
-        }
+        let found = catalog.input_errors(model, &item.input)?;
+        errors.extend(found.into_iter().map(|e| at(e.pointer, e.detail)));
+        // PostgreSQL cannot store NUL in text or jsonb; said here, the client learns where.
+        let mut nul_at = Vec::new();
+        find_nul(&item.input, "/input".into(), &mut nul_at);
+        errors.extend(nul_at.into_iter().map(|pointer| at(pointer, NUL_DETAIL.into())));
     }
     errors.truncate(MAX_ERRORS);
     if errors.is_empty() { Ok(()) } else { Err(ApiError::InvalidInput(errors)) }
+}
+
+const NUL_DETAIL: &str = "contains a NUL (\\u0000) character, which cannot be stored";
+
+/// Collects the JSON pointers of strings (keys included) that contain NUL.
+fn find_nul(value: &Value, pointer: String, found: &mut Vec<String>) {
+    match value {
+        Value::String(text) if text.contains('\0') => found.push(pointer),
+        Value::Array(values) => {
+            for (i, value) in values.iter().enumerate() {
+                find_nul(value, format!("{pointer}/{i}"), found);
+            }
+        }
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                let pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                if key.contains('\0') {
+                    found.push(pointer.clone());
+                }
+                find_nul(value, pointer, found);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// A batch as clients see it.
@@ -363,5 +398,17 @@ mod tests {
         let items = parse_ndjson(b"{\"input\": 1, \"custom_id\": \"a\"}\n{\"input\": 2}").unwrap();
         assert_eq!(items.len(), 2);
         assert_eq!(items[0].custom_id.as_deref(), Some("a"));
+        // Blank lines do not shift the numbers errors give.
+        let items = parse_ndjson(b"{\"input\": 1}\n\n\r\n{\"input\": 2}\r\n").unwrap();
+        assert_eq!(items.iter().map(|i| i.line).collect::<Vec<_>>(), [Some(1), Some(4)]);
+    }
+
+    #[test]
+    fn nul_characters_are_found_in_values_and_keys() {
+        let mut found = Vec::new();
+        let input = json!({"text": "a\u{0}b", "ok": ["fine", "x\u{0}"], "a/b\u{0}": 1, "n": 3});
+        find_nul(&input, "/input".into(), &mut found);
+        found.sort();
+        assert_eq!(found, ["/input/a~1b\u{0}", "/input/ok/1", "/input/text"]);
     }
 }

@@ -18,7 +18,10 @@ use crate::error::ApiError;
 use crate::jobs::IdempotencyKey;
 use crate::state::AppState;
 
+/// Unknown fields are refused, as on NDJSON lines: a misspelt `custom_id` is an error,
+/// not an item without one.
 #[derive(Object)]
+#[oai(deny_unknown_fields)]
 pub struct BatchItemRequest {
     /// The model's input, matching its input schema.
     pub input: serde_json::Value,
@@ -142,7 +145,8 @@ impl BatchesApi {
         let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
         let (model, items, webhook, events) = match body {
             CreateBatchBody::Json(Json(request)) => {
-                let items = request.items.into_iter().map(|i| BatchItem { input: i.input, custom_id: i.custom_id });
+                let items =
+                    request.items.into_iter().map(|i| BatchItem { input: i.input, custom_id: i.custom_id, line: None });
                 (request.model, items.collect(), request.webhook, request.webhook_events)
             }
             CreateBatchBody::Ndjson(Binary(bytes)) => {

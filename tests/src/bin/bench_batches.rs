@@ -1,6 +1,7 @@
 //! Batch figures: how fast `POST /v1/batches` accepts jobs (10,000 items per request),
 //! against single `POST /v1/jobs` requests in the same run as the baseline; and the
-//! end-to-end time for 10,000 digits-cnn jobs on CPU, submit to the last job done.
+//! end-to-end time for 10,000 digits-cnn jobs on CPU, submit to the last job done; and
+//! how long canceling a batch of 10,000 queued jobs takes.
 //! Real PostgreSQL, RabbitMQ and worker. Run with `scripts/bench/batches`.
 #![allow(clippy::unwrap_used)]
 
@@ -131,4 +132,21 @@ async fn main() {
         items as f64 / took
     );
     app.stop_worker().await;
+
+    // 3. Canceling a whole batch of queued jobs (worker stopped, so none starts): one
+    // statement, and the batch's progress counted once for it, not once per job.
+    let (batch, _) = submit_batch(&app, ndjson(&samples, items)).await;
+    let started = Instant::now();
+    let canceled: Value = app
+        .client
+        .post(app.url(&format!("/v1/batches/{}/cancel", batch["id"].as_str().unwrap())))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(canceled["canceled"], items);
+    println!("POST /v1/batches/{{id}}/cancel, {items} queued jobs: {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
 }

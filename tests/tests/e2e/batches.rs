@@ -75,7 +75,14 @@ async fn five_thousand_digits_come_back_correct_and_in_submission_order() {
 
     // Someone else's batch does not exist for them.
     let (_, other) = app.new_user_with_token(&[Scope::JobsRead]).await;
-    let response = app.client.get(app.url(&format!("/v1/batches/{id}"))).bearer_auth(&other).send().await.unwrap();
+    for path in [format!("/v1/batches/{id}"), format!("/v1/batches/{id}/results")] {
+        let response = app.client.get(app.url(&path)).bearer_auth(&other).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(response.json::<Value>().await.unwrap()["code"], "batch_not_found");
+    }
+    let (_, writer) = app.new_user_with_token(&[Scope::JobsWrite]).await;
+    let response =
+        app.client.post(app.url(&format!("/v1/batches/{id}/cancel"))).bearer_auth(&writer).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let listed: Value =
         app.client.get(app.url("/v1/batches")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
@@ -93,6 +100,18 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
     assert_eq!(problem["code"], "invalid_input");
     assert!(problem["errors"][0]["detail"].as_str().unwrap().starts_with("line 3:"), "{problem}");
 
+    // Schema errors name the line too, blank lines counted; a NUL (which PostgreSQL cannot
+    // store) is named like any other bad field.
+    let short = json!({"input": {"pixels": [1]}}).to_string();
+    let nul = json!({"input": {"pixels": vec![1; 64]}, "custom_id": "a\u{0}"}).to_string();
+    let response = post_ndjson(&app, "digits-cnn", format!("{good}\n\n\n{short}\n{nul}\n")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["pointer"], "/items/1/input/pixels", "{problem}");
+    assert!(problem["errors"][0]["detail"].as_str().unwrap().starts_with("line 4:"), "{problem}");
+    assert_eq!(problem["errors"][1]["pointer"], "/items/2/custom_id", "{problem}");
+    assert!(problem["errors"][1]["detail"].as_str().unwrap().starts_with("line 5:"), "{problem}");
+
     let mut items: Vec<Value> = (0..5).map(|_| json!({"input": {"pixels": vec![1; 64]}})).collect();
     items[3] = json!({"input": {"pixels": vec![99; 64]}});
     let response = app
@@ -106,9 +125,31 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = response.json().await.unwrap();
     assert!(problem["errors"][0]["pointer"].as_str().unwrap().starts_with("/items/3/input/pixels"), "{problem}");
+    // A misspelt field is refused in JSON items as on NDJSON lines.
+    let response = app
+        .client
+        .post(app.url("/v1/batches"))
+        .bearer_auth(&app.token)
+        .json(&json!({"model": "digits-cnn", "items": [{"input": {"pixels": vec![1; 64]}, "custom-id": "a"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_body");
     let jobs: Value =
         app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
     assert!(jobs["data"].as_array().unwrap().is_empty(), "all or nothing");
+
+    // Over api.max_batch_bytes: a 413 problem from the declared length, before the body is read.
+    let head = format!(
+        "POST /v1/batches?model=digits-cnn HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        app.token,
+        app.settings.api.max_batch_bytes + 1
+    );
+    let response = crate::jobs::raw_http(&app.address, head.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("\"code\":\"body_too_large\""), "{response}");
 
     let response = post_ndjson(&app, "no-such-model", good.clone()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);

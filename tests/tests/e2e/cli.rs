@@ -146,3 +146,43 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
     let status = spoolctl_with(&home, &[], &["batch", "status", id], None).await;
     assert!(status.stdout.contains("succeeded") && status.stdout.contains("300"), "{}", status.stdout);
 }
+
+/// A batch that ends with canceled jobs: `--wait` reports it and exits 5, so a script can
+/// tell "it ran, but not everything succeeded" from a refusal (3) or an outage (4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoolctl_batch_wait_exits_5_when_jobs_did_not_succeed() {
+    let app = TestApp::start(test_settings().await, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let url = app.url("");
+    let dir = std::env::temp_dir().join(format!("spoolctl-cancel-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("digits.jsonl");
+    let lines: String = (0..50).map(|i| json!({"input": {"pixels": vec![i % 17; 64]}}).to_string() + "\n").collect();
+    std::fs::write(&input, lines).unwrap();
+    let file = input.to_str().unwrap();
+
+    let no_wait =
+        spoolctl(&url, &app.token, &["batch", "submit", file, "--model", "digits-cnn", "--output", "x"]).await;
+    assert_eq!(no_wait.code, 2, "--output needs --wait: {}", no_wait.stderr);
+
+    // No worker runs: the batch waits until it is canceled from elsewhere.
+    let args = ["--json", "batch", "submit", file, "--model", "digits-cnn", "--wait"];
+    let waiting = spoolctl(&url, &app.token, &args);
+    let cancel_it = async {
+        let id = loop {
+            let listed = spoolctl(&url, &app.token, &["--json", "batch", "list"]).await.json();
+            if let Some(id) = listed["data"][0]["id"].as_str() {
+                break id.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let canceled = spoolctl(&url, &app.token, &["--json", "batch", "cancel", &id]).await;
+        assert_eq!(canceled.code, 0, "{}", canceled.stderr);
+        assert_eq!(canceled.json()["canceled"], 50);
+    };
+    let (waited, ()) = tokio::join!(waiting, cancel_it);
+    assert_eq!(waited.code, 5, "{}", waited.stderr);
+    let batch = waited.json();
+    assert_eq!(batch["counts"]["canceled"], 50, "{batch}");
+    assert!(!batch["completed_at"].is_null());
+    assert!(waited.stderr.contains("50 job(s) of the batch did not succeed"), "{}", waited.stderr);
+}

@@ -297,7 +297,7 @@ async fn unknown_models_and_jobs_and_other_users_jobs_are_404() {
 }
 
 /// Sends raw bytes and returns what the server answers within a second.
-async fn raw_http(address: &str, bytes: &[u8]) -> String {
+pub(crate) async fn raw_http(address: &str, bytes: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://")).await.unwrap();
     stream.write_all(bytes).await.unwrap();

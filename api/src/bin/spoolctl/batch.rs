@@ -25,7 +25,7 @@ pub enum BatchCommand {
         #[arg(long)]
         wait: bool,
         /// With --wait: write the results (NDJSON, submission order) here.
-        #[arg(long)]
+        #[arg(long, requires = "wait")]
         output: Option<PathBuf>,
         /// Makes retrying this command safe.
         #[arg(long)]
@@ -33,6 +33,11 @@ pub enum BatchCommand {
     },
     /// Progress: jobs per status.
     Status { id: Uuid },
+    /// Your batches, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
     /// Results as NDJSON, in submission order.
     Results {
         id: Uuid,
@@ -79,6 +84,24 @@ pub async fn run(command: BatchCommand, json_output: bool) -> Result<(), CliErro
             Ok(())
         }
         BatchCommand::Status { id } => show(&client.get(&format!("/v1/batches/{id}"), &[]).await?, json_output),
+        BatchCommand::List { limit } => {
+            let page = client.get("/v1/batches", &[("limit", limit.to_string())]).await?;
+            if json_output {
+                print_json(&page);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = page["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    let progress = b["progress"].as_f64().map_or("-".into(), |p| format!("{:.0}%", p * 100.0));
+                    vec![field(b, "id"), field(b, "model"), field(b, "total"), progress, field(b, "created_at")]
+                })
+                .collect();
+            println!("{}", table(&["BATCH", "MODEL", "JOBS", "DONE", "CREATED"], &rows));
+            Ok(())
+        }
         BatchCommand::Results { id, output } => save_results(&client, &id.to_string(), output).await,
         BatchCommand::Cancel { id } => {
             let canceled = client.json(client.request(Method::POST, &format!("/v1/batches/{id}/cancel"))?).await?;
@@ -100,7 +123,7 @@ async fn follow(client: &Client, id: &str, draw: bool) -> Result<Value, CliError
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     loop {
-        let batch = client.get(&format!("/v1/batches/{id}"), &[]).await?;
+        let batch = client.get_patiently(&format!("/v1/batches/{id}"), &[]).await?;
         let counts = &batch["counts"];
         let done: u64 = ["succeeded", "failed", "canceled"].iter().filter_map(|s| counts[*s].as_u64()).sum();
         bar.set_length(batch["total"].as_u64().unwrap_or(0));

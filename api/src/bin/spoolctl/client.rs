@@ -82,6 +82,9 @@ fn describe_problem(problem: &Value) -> String {
     message
 }
 
+/// Retries of [`Client::get_patiently`]: 1 + 2 + 4 + 8 + 8 s, about half a minute.
+const PATIENT_RETRIES: usize = 5;
+
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -104,6 +107,23 @@ impl Client {
 
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
         self.send(Method::GET, path, query, None).await
+    }
+
+    /// A GET that rides out short outages (a restarting API, a dropped connection): for
+    /// commands that follow a job or batch for minutes, one blip should not end the wait.
+    pub async fn get_patiently(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        let mut pause = Duration::from_secs(1);
+        for _ in 0..PATIENT_RETRIES {
+            match self.get(path, query).await {
+                Err(CliError::Unavailable(error)) => {
+                    eprintln!("spoolctl: {error}; retrying in {}s", pause.as_secs());
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(8));
+                }
+                answered => return answered,
+            }
+        }
+        self.get(path, query).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, CliError> {

@@ -63,7 +63,7 @@ fn is_terminal(job: &Value) -> bool {
 /// Polls with `?wait=60` until the job finishes.
 pub async fn wait_for(client: &Client, id: &str) -> Result<Value, CliError> {
     loop {
-        let job = client.get(&format!("/v1/jobs/{id}"), &[("wait", "60".into())]).await?;
+        let job = client.get_patiently(&format!("/v1/jobs/{id}"), &[("wait", "60".into())]).await?;
         if is_terminal(&job) {
             return Ok(job);
         }
