@@ -1,0 +1,105 @@
+//! End to end, one job per request: jobs/s from submit to `succeeded` and latency
+//! percentiles, server-side (`completed_at − created_at`) and as a polling client sees it
+//! (submit → `GET ?wait` answers with the finished job), at a fixed 50 jobs/s and at
+//! saturation (64 clients back to back), for digits-cnn and minilm-embed on CPU.
+//! Real PostgreSQL, RabbitMQ, in-process API and worker. Run with `scripts/bench/e2e`.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use serde_json::{Value, json};
+use spool_tests::{AppOptions, TestApp, test_settings};
+use tokio::sync::Mutex;
+
+fn input(model: &str, i: usize) -> Value {
+    match model {
+        "digits-cnn" => json!({"pixels": (0..64).map(|p| (p + i) % 17).collect::<Vec<_>>()}),
+        _ => json!({"text": format!("sentence number {i} about the weather and the markets")}),
+    }
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// One job: submit, then long-poll until done; returns the client-seen latency in ms.
+async fn one(app: &TestApp, model: &str, i: usize) -> f64 {
+    let started = Instant::now();
+    let response = app.post_job(&json!({"model": model, "input": input(model, i)})).await;
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn server_side(app: &TestApp) -> Vec<f64> {
+    let rows = app
+        .db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT (EXTRACT(EPOCH FROM (completed_at - created_at)) * 1000)::float8 AS ms FROM jobs WHERE status = 'succeeded'",
+        ))
+        .await
+        .unwrap();
+    let mut ms: Vec<f64> = rows.iter().map(|r| r.try_get::<f64>("", "ms").unwrap()).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+async fn scenario(model: &'static str, rate: Option<u64>, jobs: usize) {
+    let mut settings = test_settings().await;
+    settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    let app = Arc::new(TestApp::start(settings, AppOptions { worker_models: vec![model], ..Default::default() }).await);
+    one(&app, model, 0).await; // warm
+    app.db.execute_unprepared("DELETE FROM jobs").await.unwrap();
+    let client = Arc::new(Mutex::new(Vec::with_capacity(jobs)));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    match rate {
+        Some(per_second) => {
+            let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+            for i in 0..jobs {
+                ticker.tick().await;
+                let (app, client) = (Arc::clone(&app), Arc::clone(&client));
+                tasks.spawn(async move { client.lock().await.push(one(&app, model, i).await) });
+            }
+        }
+        None => {
+            for c in 0..64 {
+                let (app, client) = (Arc::clone(&app), Arc::clone(&client));
+                tasks.spawn(async move {
+                    for i in (c..jobs).step_by(64) {
+                        let ms = one(&app, model, i).await;
+                        client.lock().await.push(ms);
+                    }
+                });
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut seen = client.lock().await.clone();
+    seen.sort_by(f64::total_cmp);
+    let server = server_side(&app).await;
+    let label = rate.map_or("saturation (64 clients)".to_owned(), |r| format!("{r} jobs/s"));
+    println!(
+        "{model:13} {label:24} {:6.0} jobs/s | server p50 {:6.1} ms p99 {:6.1} ms | client p50 {:6.1} ms p99 {:6.1} ms ({jobs} jobs)",
+        jobs as f64 / elapsed,
+        pct(&server, 0.5),
+        pct(&server, 0.99),
+        pct(&seen, 0.5),
+        pct(&seen, 0.99),
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    for model in ["digits-cnn", "minilm-embed"] {
+        scenario(model, Some(50), jobs / 2).await;
+        scenario(model, None, jobs).await;
+    }
+}
