@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use spool_shared::job::JOB_DONE_CHANNEL;
 use uuid::Uuid;
 
-use crate::catalog::ModelCatalog;
+use crate::catalog::{ModelCatalog, NUL_DETAIL};
 use crate::error::{ApiError, FieldError};
 use crate::jobs::{IdempotencyKey, JobWebhook};
 use crate::publisher::Publisher;
@@ -91,37 +91,9 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
         }
         let found = catalog.input_errors(model, &item.input)?;
         errors.extend(found.into_iter().map(|e| at(e.pointer, e.detail)));
-        // PostgreSQL cannot store NUL in text or jsonb; said here, the client learns where.
-        let mut nul_at = Vec::new();
-        find_nul(&item.input, "/input".into(), &mut nul_at);
-        errors.extend(nul_at.into_iter().map(|pointer| at(pointer, NUL_DETAIL.into())));
     }
     errors.truncate(MAX_ERRORS);
     if errors.is_empty() { Ok(()) } else { Err(ApiError::InvalidInput(errors)) }
-}
-
-const NUL_DETAIL: &str = "contains a NUL (\\u0000) character, which cannot be stored";
-
-/// Collects the JSON pointers of strings (keys included) that contain NUL.
-fn find_nul(value: &Value, pointer: String, found: &mut Vec<String>) {
-    match value {
-        Value::String(text) if text.contains('\0') => found.push(pointer),
-        Value::Array(values) => {
-            for (i, value) in values.iter().enumerate() {
-                find_nul(value, format!("{pointer}/{i}"), found);
-            }
-        }
-        Value::Object(fields) => {
-            for (key, value) in fields {
-                let pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
-                if key.contains('\0') {
-                    found.push(pointer.clone());
-                }
-                find_nul(value, pointer, found);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// A batch as clients see it.
@@ -401,14 +373,5 @@ mod tests {
         // Blank lines do not shift the numbers errors give.
         let items = parse_ndjson(b"{\"input\": 1}\n\n\r\n{\"input\": 2}\r\n").unwrap();
         assert_eq!(items.iter().map(|i| i.line).collect::<Vec<_>>(), [Some(1), Some(4)]);
-    }
-
-    #[test]
-    fn nul_characters_are_found_in_values_and_keys() {
-        let mut found = Vec::new();
-        let input = json!({"text": "a\u{0}b", "ok": ["fine", "x\u{0}"], "a/b\u{0}": 1, "n": 3});
-        find_nul(&input, "/input".into(), &mut found);
-        found.sort();
-        assert_eq!(found, ["/input/a~1b\u{0}", "/input/ok/1", "/input/text"]);
     }
 }

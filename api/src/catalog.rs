@@ -58,15 +58,61 @@ impl ModelCatalog {
         }
     }
 
-    /// Where the input breaks the model's schema (the first few places, under `/input`);
-    /// borrows the input, so a batch is checked without copying its items.
+    /// Where the input breaks the model's schema, or holds a NUL character PostgreSQL
+    /// cannot store (the first few places, under `/input`); borrows the input, so a batch
+    /// is checked without copying its items.
     pub fn input_errors(&self, model: &str, input: &Value) -> Result<Vec<FieldError>, ApiError> {
         let entry = self.inner.get(model).ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-        Ok(entry
+        let mut errors: Vec<FieldError> = entry
             .validator
             .iter_errors(input)
             .take(MAX_FIELD_ERRORS)
             .map(|error| FieldError { pointer: format!("/input{}", error.instance_path()), detail: error.to_string() })
-            .collect())
+            .collect();
+        let mut nul_at = Vec::new();
+        find_nul(input, "/input".into(), &mut nul_at);
+        errors.extend(nul_at.into_iter().map(|pointer| FieldError { pointer, detail: NUL_DETAIL.into() }));
+        errors.truncate(MAX_FIELD_ERRORS);
+        Ok(errors)
+    }
+}
+
+pub const NUL_DETAIL: &str = "contains a NUL (\\u0000) character, which cannot be stored";
+
+/// Collects the JSON pointers of strings (keys included) that contain NUL.
+fn find_nul(value: &Value, pointer: String, found: &mut Vec<String>) {
+    match value {
+        Value::String(text) if text.contains('\0') => found.push(pointer),
+        Value::Array(values) => {
+            for (i, value) in values.iter().enumerate() {
+                find_nul(value, format!("{pointer}/{i}"), found);
+            }
+        }
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                let pointer = format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"));
+                if key.contains('\0') {
+                    found.push(pointer.clone());
+                }
+                find_nul(value, pointer, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_found_in_values_and_keys() {
+        let mut found = Vec::new();
+        let input = json!({"text": "a\u{0}b", "ok": ["fine", "x\u{0}"], "a/b\u{0}": 1, "n": 3});
+        find_nul(&input, "/input".into(), &mut found);
+        found.sort();
+        assert_eq!(found, ["/input/a~1b\u{0}", "/input/ok/1", "/input/text"]);
     }
 }

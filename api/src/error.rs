@@ -123,8 +123,9 @@ fn describe(errors: &[FieldError]) -> String {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(error: sea_orm::DbErr) -> Self {
-        // PostgreSQL refuses NUL characters in text and jsonb. They can only come from a
-        // client's input, so they are the client's error, not a 500.
+        // PostgreSQL refuses NUL characters in text and jsonb. Job inputs are checked for
+        // them up front (a 422 naming the field); this covers every other text a client
+        // sends (names, descriptions), so it is the client's error, not a 500.
         if matches!(sqlstate(&error).as_deref(), Some("22P05" | "22021")) {
             return Self::InvalidRequest("text may not contain NUL (\\u0000) characters".into());
         }

@@ -234,11 +234,13 @@ async fn bad_inputs_are_422_problems_naming_the_field() {
             problem["errors"].as_array().unwrap().iter().map(|e| e["pointer"].as_str().unwrap()).collect();
         assert!(pointers.contains(&pointer), "{pointer} not in {pointers:?}");
     }
-    // PostgreSQL cannot store NUL characters: the client hears so, no 500.
+    // PostgreSQL cannot store NUL characters: the client hears where, no 500.
     for body in [json!({"model": "minilm-embed", "input": {"text": "a\u{0}b"}})] {
         let response = app.post_job(&body).await;
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
-        assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_request");
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let problem = response.json::<Value>().await.unwrap();
+        assert_eq!(problem["code"], "invalid_input");
+        assert_eq!(problem["errors"][0]["pointer"], "/input/text", "{problem}");
     }
     // Nothing was queued.
     let listed: Value =
