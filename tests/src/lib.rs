@@ -251,6 +251,16 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
+    /// `GET path` with the test user's token; the JSON body (any status).
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get_json_as(path, &self.token).await
+    }
+
+    /// `GET path` with `token`; the JSON body (any status).
+    pub async fn get_json_as(&self, path: &str, token: &str) -> Value {
+        self.client.get(self.url(path)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn post_job(&self, body: &Value) -> reqwest::Response {
         self.client.post(self.url("/v1/jobs")).bearer_auth(&self.token).json(body).send().await.unwrap()
     }

@@ -85,16 +85,7 @@ async fn main() {
     app.start_worker(&["digits-cnn"]).await;
     let drain_started = Instant::now();
     loop {
-        let queued: Value = app
-            .client
-            .get(app.url("/v1/jobs?status=queued&limit=1"))
-            .bearer_auth(&app.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let queued: Value = app.get_json("/v1/jobs?status=queued&limit=1").await;
         if queued["data"].as_array().unwrap().is_empty() {
             break;
         }
@@ -110,16 +101,7 @@ async fn main() {
     let (batch, _) = submit_batch(&app, ndjson(&samples, items)).await;
     let id = batch["id"].as_str().unwrap().to_owned();
     loop {
-        let batch: Value = app
-            .client
-            .get(app.url(&format!("/v1/batches/{id}")))
-            .bearer_auth(&app.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let batch: Value = app.get_json(&format!("/v1/batches/{id}")).await;
         if !batch["completed_at"].is_null() {
             assert_eq!(batch["counts"]["succeeded"], items);
             break;

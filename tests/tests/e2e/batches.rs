@@ -84,8 +84,7 @@ async fn five_thousand_digits_come_back_correct_and_in_submission_order() {
     let response =
         app.client.post(app.url(&format!("/v1/batches/{id}/cancel"))).bearer_auth(&writer).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    let listed: Value =
-        app.client.get(app.url("/v1/batches")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let listed: Value = app.get_json("/v1/batches").await;
     assert_eq!(listed["data"][0]["id"], id.as_str());
 }
 
@@ -136,8 +135,7 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_body");
-    let jobs: Value =
-        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let jobs: Value = app.get_json("/v1/jobs").await;
     assert!(jobs["data"].as_array().unwrap().is_empty(), "all or nothing");
 
     // Over api.max_batch_bytes: a 413 problem from the declared length, before the body is read.

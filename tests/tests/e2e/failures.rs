@@ -36,16 +36,7 @@ async fn a_poison_job_is_dead_lettered_after_max_attempts_then_requeued_once_fix
 
     // The operator's view: every attempt, with the backoff between them.
     let operator = app.new_operator_token().await;
-    let letters: Value = app
-        .client
-        .get(app.url("/v1/admin/dead-letters?model=minilm-embed"))
-        .bearer_auth(&operator)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let letters: Value = app.get_json_as("/v1/admin/dead-letters?model=minilm-embed", &operator).await;
     let letter = &letters["data"][0];
     assert_eq!(letter["job_id"], poison.as_str());
     assert!(letter["input_summary"].as_str().unwrap().contains("POISON"));
@@ -132,16 +123,7 @@ async fn a_poison_job_is_dead_lettered_after_max_attempts_then_requeued_once_fix
         .unwrap();
     assert_eq!(audited, 1);
 
-    let empty: Value = app
-        .client
-        .get(app.url("/v1/admin/dead-letters"))
-        .bearer_auth(&operator)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let empty: Value = app.get_json_as("/v1/admin/dead-letters", &operator).await;
     assert!(empty["data"].as_array().unwrap().is_empty());
     app.stop_worker().await;
 }
@@ -163,16 +145,7 @@ async fn a_failing_model_opens_its_breaker_the_api_answers_503_and_it_recovers_b
     let app = TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await;
     let operator = app.new_operator_token().await;
     let breakers = || async {
-        let list: Value = app
-            .client
-            .get(app.url("/v1/admin/breakers"))
-            .bearer_auth(&operator)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = app.get_json_as("/v1/admin/breakers", &operator).await;
         list["data"].as_array().unwrap().iter().find(|m| m["model"] == "minilm-embed").cloned().unwrap()
     };
 
@@ -222,8 +195,7 @@ async fn a_failing_model_opens_its_breaker_the_api_answers_503_and_it_recovers_b
     }
     assert!(closed, "the breaker closed after a good probe: {}", breakers().await);
 
-    let workers: Value =
-        app.client.get(app.url("/v1/admin/workers")).bearer_auth(&operator).send().await.unwrap().json().await.unwrap();
+    let workers: Value = app.get_json_as("/v1/admin/workers", &operator).await;
     assert_eq!(workers["data"][0]["breakers"]["minilm-embed"], "closed");
     assert_eq!(workers["data"][0]["device"], "cpu");
 }

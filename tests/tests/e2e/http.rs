@@ -41,8 +41,7 @@ async fn service_endpoints_answer() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     assert_eq!(unknown.headers()["content-type"], "application/problem+json");
 
-    let models: Value =
-        app.client.get(app.url("/v1/models")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let models: Value = app.get_json("/v1/models").await;
     let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["digits-cnn", "minilm-embed"]);
     assert_eq!(models["data"][0]["input_schema"]["properties"]["pixels"]["minItems"], 64);
@@ -51,8 +50,7 @@ async fn service_endpoints_answer() {
     for _ in 0..2 {
         app.submit("digits-cnn", serde_json::json!({"pixels": vec![0; 64]})).await;
     }
-    let models: Value =
-        app.client.get(app.url("/v1/models")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let models: Value = app.get_json("/v1/models").await;
     let digits = &models["data"][0];
     assert_eq!((digits["queue_depth"].as_u64(), digits["workers_online"].as_u64()), (Some(2), Some(0)), "{digits}");
     assert_eq!(digits["health"], "no_worker");

@@ -185,16 +185,7 @@ async fn a_worker_cut_off_from_postgres_holds_its_jobs_until_the_database_return
     }
     let operator = app.new_operator_token().await;
     let breaker_state = || async {
-        let workers: Value = app
-            .client
-            .get(app.url("/v1/admin/workers"))
-            .bearer_auth(&operator)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let workers: Value = app.get_json_as("/v1/admin/workers", &operator).await;
         workers["data"][0]["database_breaker"].as_str().unwrap_or_default().to_owned()
     };
     let mut opened = false;
