@@ -256,7 +256,13 @@ pub async fn job_secret(db: &DatabaseConnection, owner_id: Uuid) -> Result<Strin
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE users SET webhook_secret = COALESCE(webhook_secret, $2) WHERE id = $1 RETURNING webhook_secret",
+            // Writes only the first time: every job submitted with a webhook comes here.
+            "WITH created AS (
+                 UPDATE users SET webhook_secret = $2 WHERE id = $1 AND webhook_secret IS NULL
+                 RETURNING webhook_secret)
+             SELECT webhook_secret FROM created
+             UNION ALL
+             SELECT webhook_secret FROM users WHERE id = $1 AND webhook_secret IS NOT NULL",
             [owner_id.into(), new_secret().into()],
         ))
         .await?
