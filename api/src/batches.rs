@@ -233,7 +233,7 @@ pub async fn submit(
     }
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO usage (user_id, model, submitted) VALUES ($1, $2, $3) ON CONFLICT (user_id, model) \
+        "INSERT INTO usage (user_id, model, submitted) VALUES ($1, $2, $3) ON CONFLICT (user_id, model, shard) \
          DO UPDATE SET submitted = usage.submitted + EXCLUDED.submitted, last_used_at = now()",
         [owner_id.into(), model.into(), i64::from(total).into()],
     ))

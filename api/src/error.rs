@@ -139,7 +139,7 @@ impl From<sea_orm::DbErr> for ApiError {
 
 /// Whether the database is unreachable or restarting (a 503 to retry), rather than the
 /// request having failed.
-fn is_outage(error: &sea_orm::DbErr) -> bool {
+pub(crate) fn is_outage(error: &sea_orm::DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
     use sea_orm::{DbErr, RuntimeErr};
     match error {

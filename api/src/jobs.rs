@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::catalog::ValidJobRequest;
 use crate::completions::CompletionWaiters;
 use crate::error::ApiError;
+use crate::job_inserter::{JobInserter, NewJob};
 use crate::publisher::Publisher;
 
 /// A client-chosen key that makes retrying `POST /v1/jobs` safe.
@@ -63,10 +64,12 @@ pub struct JobOptions {
     pub webhook: Option<JobWebhook>,
 }
 
-/// Commits the job, then publishes it. A publish failure is not the client's problem:
-/// the job is committed and the outbox relay will publish it.
+/// Commits the job (sharing the statement with concurrent submissions), then publishes
+/// it. A publish failure is not the client's problem: the job is committed and the
+/// outbox relay will publish it.
 pub async fn submit(
     db: &DatabaseConnection,
+    inserter: &JobInserter,
     publisher: &Publisher,
     owner_id: Uuid,
     request: ValidJobRequest,
@@ -74,35 +77,18 @@ pub async fn submit(
     options: JobOptions,
 ) -> Result<Submission, ApiError> {
     let request_hash = key.as_ref().map(|_| request_hash(&request));
-    let inserted = jobs::Entity::find()
-        .from_raw_sql(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            // The usage counter moves in the same statement as the insert.
-            r#"WITH job AS (
-                   INSERT INTO jobs (id, owner_id, model, status, input, idempotency_key, request_hash, start_deadline,
-                                     webhook_url, webhook_events)
-                   VALUES ($1, $2, $3, 'queued', $4, $5, $6, now() + make_interval(secs => $7::double precision),
-                           $8, $9)
-                   ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                   RETURNING *),
-               counted AS (
-                   INSERT INTO usage (user_id, model, submitted) SELECT owner_id, model, 1 FROM job
-                   ON CONFLICT (user_id, model)
-                   DO UPDATE SET submitted = usage.submitted + 1, last_used_at = now())
-               SELECT * FROM job"#,
-            [
-                Uuid::now_v7().into(),
-                owner_id.into(),
-                request.model.clone().into(),
-                request.input.into(),
-                key.as_ref().map(|k| k.0.clone()).into(),
-                request_hash.clone().into(),
-                options.start_within.map(|d| d.as_secs_f64()).into(),
-                options.webhook.as_ref().map(|w| w.url.clone()).into(),
-                options.webhook.map(|w| w.events).into(),
-            ],
-        ))
-        .one(db)
+    let inserted = inserter
+        .insert(NewJob {
+            id: Uuid::now_v7(),
+            owner_id,
+            model: request.model,
+            input: request.input,
+            idempotency_key: key.as_ref().map(|k| k.0.clone()),
+            request_hash: request_hash.as_deref().map(hex::encode),
+            start_within_secs: options.start_within.map(|d| d.as_secs_f64()),
+            webhook_url: options.webhook.as_ref().map(|w| w.url.clone()),
+            webhook_events: options.webhook.map(|w| w.events),
+        })
         .await?;
 
     let Some(job) = inserted else {

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod completions;
 pub mod error;
 pub mod identity;
+pub mod job_inserter;
 pub mod jobs;
 pub mod publisher;
 pub mod ratelimit;
@@ -38,6 +39,7 @@ use crate::catalog::ModelCatalog;
 use crate::completions::CompletionWaiters;
 use crate::identity::authn::Authenticator;
 use crate::identity::mailer::Mailer;
+use crate::job_inserter::JobInserter;
 use crate::publisher::Publisher;
 use crate::ratelimit::RateLimiter;
 use crate::redis_handle::RedisHandle;
@@ -110,6 +112,7 @@ impl Application {
             .and_then(|addr| addr.as_socket_addr().map(|a| a.port()))
             .context("listener has no address")?;
         let state = AppState {
+            inserter: JobInserter::start(db.clone()),
             db,
             catalog,
             publisher,

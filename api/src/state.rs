@@ -10,6 +10,7 @@ use crate::catalog::ModelCatalog;
 use crate::completions::CompletionWaiters;
 use crate::identity::authn::Authenticator;
 use crate::identity::mailer::Mailer;
+use crate::job_inserter::JobInserter;
 use crate::publisher::Publisher;
 use crate::ratelimit::RateLimiter;
 use crate::redis_handle::RedisHandle;
@@ -19,6 +20,7 @@ use crate::workers::WorkerRegistry;
 pub struct AppState {
     pub db: DatabaseConnection,
     pub catalog: ModelCatalog,
+    pub inserter: JobInserter,
     pub publisher: Publisher,
     pub waiters: CompletionWaiters,
     pub redis: RedisHandle,

@@ -10,6 +10,7 @@ mod m20261124_000006_create_webhooks;
 mod m20261125_000007_create_batches;
 mod m20261125_000008_index_queued_jobs;
 mod m20261125_000009_count_batch_progress_per_statement;
+mod m20261125_000010_shard_usage_counters;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000007_create_batches::Migration),
             Box::new(m20261125_000008_index_queued_jobs::Migration),
             Box::new(m20261125_000009_count_batch_progress_per_statement::Migration),
+            Box::new(m20261125_000010_shard_usage_counters::Migration),
         ]
     }
 }

@@ -131,7 +131,7 @@ pub async fn complete(db: &DatabaseConnection, completions: &[Completion], infer
                       $2 * count(*)
                  FROM done WHERE status <> 'queued' GROUP BY owner_id, model
                 ORDER BY owner_id, model -- one lock order for every batch: no deadlocks
-               ON CONFLICT (user_id, model) DO UPDATE
+               ON CONFLICT (user_id, model, shard) DO UPDATE
                   SET succeeded = usage.succeeded + EXCLUDED.succeeded,
                       failed = usage.failed + EXCLUDED.failed,
                       inference_ms_total = usage.inference_ms_total + EXCLUDED.inference_ms_total,

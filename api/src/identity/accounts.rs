@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, FromQueryResult, Statement, TransactionTrait,
+};
 use secrecy::SecretString;
 use spool_shared::entities::{usage, users};
 use uuid::Uuid;
@@ -244,11 +246,15 @@ pub async fn find(db: &DatabaseConnection, user_id: Uuid) -> Result<users::Model
         .ok_or(ApiError::Unauthorized(crate::error::AuthFailure::RevokedToken))
 }
 
-pub async fn usage(db: &DatabaseConnection, user_id: Uuid) -> Result<Vec<usage::Model>, ApiError> {
-    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
-    Ok(usage::Entity::find()
-        .filter(usage::Column::UserId.eq(user_id))
-        .order_by_asc(usage::Column::Model)
-        .all(db)
-        .await?)
+pub async fn usage(db: &DatabaseConnection, user_id: Uuid) -> Result<Vec<usage::Totals>, ApiError> {
+    Ok(usage::Totals::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"SELECT model, sum(submitted)::bigint AS submitted, sum(succeeded)::bigint AS succeeded,
+                  sum(failed)::bigint AS failed, sum(inference_ms_total) AS inference_ms_total,
+                  max(last_used_at) AS last_used_at
+             FROM usage WHERE user_id = $1 GROUP BY model ORDER BY model"#,
+        [user_id.into()],
+    ))
+    .all(db)
+    .await?)
 }

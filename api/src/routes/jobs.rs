@@ -223,7 +223,7 @@ impl JobsApi {
         let options = JobOptions { start_within: body.start_within_secs.map(Duration::from_secs), webhook };
         state.workers.check_model(&request.model).await?;
         let owner = auth.0.user_id;
-        match jobs::submit(&state.db, &state.publisher, owner, request, key, options).await? {
+        match jobs::submit(&state.db, &state.inserter, &state.publisher, owner, request, key, options).await? {
             Submission::Replayed(job) => Ok(SubmitJobResponse::Done(Json(job.into()), None, Some("true".into()))),
             Submission::Created(job) => match wait {
                 Some(secs) if secs > 0 => {

@@ -76,6 +76,46 @@ async fn concurrent_duplicates_create_one_job() {
     assert_eq!(listed["data"].as_array().unwrap().len(), 1);
 }
 
+/// Concurrent submissions share insert statements (`job_inserter`): each caller must
+/// still get its own job, keys must still replay, and usage must count every job once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_each_get_their_own_job() {
+    let app = spawn_app_with(no_worker()).await;
+    let send = |pixels: Vec<u8>, key: Option<String>| {
+        let mut request = app.client.post(app.url("/v1/jobs")).bearer_auth(&app.token);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.json(&json!({"model": "digits-cnn", "input": {"pixels": pixels}})).send()
+    };
+    // 150 distinct jobs, 25 with their own keys, and 25 sharing one key and body.
+    let distinct = (0..175u32).map(|i| {
+        let pixels: Vec<u8> = (0..64).map(|p| ((i >> (p % 8)) & 1) as u8 * (p as u8 % 17)).collect();
+        let key = (i >= 150).then(|| format!("own-{i}"));
+        (pixels, key)
+    });
+    let shared = (0..25).map(|_| (vec![3u8; 64], Some("shared-key".to_owned())));
+    let sent: Vec<(Vec<u8>, Option<String>)> = distinct.chain(shared).collect();
+    let responses = futures::future::join_all(sent.iter().map(|(pixels, key)| send(pixels.clone(), key.clone()))).await;
+
+    let mut ids = HashSet::new();
+    let (mut created, mut replayed) = (0, 0);
+    for ((pixels, _), response) in sent.iter().zip(responses) {
+        let response = response.unwrap();
+        match response.status() {
+            StatusCode::ACCEPTED => created += 1,
+            StatusCode::OK => replayed += 1,
+            other => panic!("unexpected {other}"),
+        }
+        let job: Value = response.json().await.unwrap();
+        assert_eq!(job["input"]["pixels"], json!(pixels), "a caller got someone else's job");
+        ids.insert(job["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!((created, replayed, ids.len()), (176, 24, 176));
+    let usage = app.get_json("/v1/me/usage").await;
+    assert_eq!(usage["submitted"], 176, "{usage}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_returns_the_finished_job() {
     let app = spawn_app().await;
