@@ -65,6 +65,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn without_a_delay_what_is_already_there_runs_at_once() {
+        let (tx, rx) = mpsc::channel(16);
+        for i in 0..3 {
+            tx.send(i).await.expect("receiver alive");
+        }
+        let mut stream = channel_stream(rx);
+        let started = tokio::time::Instant::now();
+        assert_eq!(next_batch(&mut stream, 8, Duration::ZERO, &CancellationToken::new()).await, Some(vec![0, 1, 2]));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_partial_batch_runs_when_the_deadline_passes() {
         let (tx, rx) = mpsc::channel(16);
         tx.send(1).await.expect("receiver alive");

@@ -151,7 +151,11 @@ async fn consume_session(
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        let Some(items) = next_batch(&mut deliveries, policy.max_size, policy.max_delay, shutdown).await else {
+        // An idle model runs what is already here at once: waiting for company only pays
+        // while another batch holds the model, as this one could not start before it ends.
+        let others_running = context.batches_in_flight - 1 - slots.available_permits();
+        let max_delay = if others_running == 0 { Duration::ZERO } else { policy.max_delay };
+        let Some(items) = next_batch(&mut deliveries, policy.max_size, max_delay, shutdown).await else {
             break;
         };
         let mut batch = Vec::with_capacity(items.len());

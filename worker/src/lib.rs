@@ -41,6 +41,8 @@ impl Application {
         let manifest = Manifest::load(&settings.models_dir).context("loading the model manifest")?;
         let wanted = if settings.worker.models.is_empty() { manifest.names() } else { settings.worker.models.clone() };
         let device = device::select(&settings.worker.device)?;
+        // Process-wide; each model thread picks it up at its first forward.
+        tch::set_num_threads(settings.worker.cpu_threads.clamp(1, 256) as i32);
         let mut models = Vec::with_capacity(wanted.len());
         for name in &wanted {
             let spec = manifest.get(name).with_context(|| format!("model {name:?} is not in the manifest"))?;

@@ -35,18 +35,26 @@ async fn one(app: &TestApp, model: &str, i: usize) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
-async fn server_side(app: &TestApp) -> Vec<f64> {
+/// Server-side latency of every succeeded job, in ms: total (`completed_at − created_at`),
+/// waiting (until a worker claimed it: `started_at`) and running (claim to result),
+/// each sorted.
+async fn server_side(app: &TestApp) -> [Vec<f64>; 3] {
     let rows = app
         .db
         .query_all_raw(Statement::from_string(
             DbBackend::Postgres,
-            "SELECT (EXTRACT(EPOCH FROM (completed_at - created_at)) * 1000)::float8 AS ms FROM jobs WHERE status = 'succeeded'",
+            "SELECT (EXTRACT(EPOCH FROM (completed_at - created_at)) * 1000)::float8 AS total,
+                    (EXTRACT(EPOCH FROM (started_at - created_at)) * 1000)::float8 AS waiting,
+                    (EXTRACT(EPOCH FROM (completed_at - started_at)) * 1000)::float8 AS running
+               FROM jobs WHERE status = 'succeeded'",
         ))
         .await
         .unwrap();
-    let mut ms: Vec<f64> = rows.iter().map(|r| r.try_get::<f64>("", "ms").unwrap()).collect();
-    ms.sort_by(f64::total_cmp);
-    ms
+    ["total", "waiting", "running"].map(|column| {
+        let mut ms: Vec<f64> = rows.iter().map(|r| r.try_get::<f64>("", column).unwrap()).collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    })
 }
 
 async fn scenario(model: &'static str, rate: Option<u64>, jobs: usize) {
@@ -83,7 +91,7 @@ async fn scenario(model: &'static str, rate: Option<u64>, jobs: usize) {
     let elapsed = started.elapsed().as_secs_f64();
     let mut seen = client.lock().await.clone();
     seen.sort_by(f64::total_cmp);
-    let server = server_side(&app).await;
+    let [server, waiting, running] = server_side(&app).await;
     let label = rate.map_or("saturation (64 clients)".to_owned(), |r| format!("{r} jobs/s"));
     println!(
         "{model:13} {label:24} {:6.0} jobs/s | server p50 {:6.1} ms p99 {:6.1} ms | client p50 {:6.1} ms p99 {:6.1} ms ({jobs} jobs)",
@@ -93,12 +101,21 @@ async fn scenario(model: &'static str, rate: Option<u64>, jobs: usize) {
         pct(&seen, 0.5),
         pct(&seen, 0.99),
     );
+    println!(
+        "{:38} server split: waiting p50 {:6.1} p99 {:6.1} ms | running p50 {:6.1} p99 {:6.1} ms",
+        "",
+        pct(&waiting, 0.5),
+        pct(&waiting, 0.99),
+        pct(&running, 0.5),
+        pct(&running, 0.99),
+    );
 }
 
 #[tokio::main]
 async fn main() {
     let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
-    for model in ["digits-cnn", "minilm-embed"] {
+    let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "digits-cnn,minilm-embed".into());
+    for model in ["digits-cnn", "minilm-embed"].into_iter().filter(|m| models.split(',').any(|x| x == *m)) {
         scenario(model, Some(50), jobs / 2).await;
         scenario(model, None, jobs).await;
     }
