@@ -261,6 +261,11 @@ impl TestApp {
         self.client.get(self.url(path)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
     }
 
+    /// `POST path` without a body, with the test user's token; the JSON body (any status).
+    pub async fn post_json(&self, path: &str) -> Value {
+        self.client.post(self.url(path)).bearer_auth(&self.token).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn post_job(&self, body: &Value) -> reqwest::Response {
         self.client.post(self.url("/v1/jobs")).bearer_auth(&self.token).json(body).send().await.unwrap()
     }

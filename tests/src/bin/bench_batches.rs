@@ -119,16 +119,7 @@ async fn main() {
     // statement, and the batch's progress counted once for it, not once per job.
     let (batch, _) = submit_batch(&app, ndjson(&samples, items)).await;
     let started = Instant::now();
-    let canceled: Value = app
-        .client
-        .post(app.url(&format!("/v1/batches/{}/cancel", batch["id"].as_str().unwrap())))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let canceled = app.post_json(&format!("/v1/batches/{}/cancel", batch["id"].as_str().unwrap())).await;
     assert_eq!(canceled["canceled"], items);
     println!("POST /v1/batches/{{id}}/cancel, {items} queued jobs: {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
 }

@@ -194,16 +194,7 @@ async fn canceling_mid_batch_stops_the_rest_and_the_counts_add_up() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let canceled: Value = app
-        .client
-        .post(app.url(&format!("/v1/batches/{id}/cancel")))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let canceled = app.post_json(&format!("/v1/batches/{id}/cancel")).await;
     let canceled = canceled["canceled"].as_i64().unwrap();
     assert!(canceled > 0, "jobs were still queued");
     let done = wait_complete(&app, &id, Duration::from_secs(60)).await;

@@ -107,6 +107,10 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
     assert_eq!(job["status"], "succeeded");
     let listed = with_config(&["--json", "jobs", "list"]).await.json();
     assert_eq!(listed["data"][0]["id"], job["id"]);
+    let table = with_config(&["jobs", "list"]).await.stdout;
+    let first_row = table.lines().nth(1).unwrap_or_default();
+    assert!(table.starts_with("JOB") && first_row.starts_with(job["id"].as_str().unwrap()), "{table}");
+    assert!(first_row.contains("succeeded"), "{table}");
     let bad = with_config(&["jobs", "submit", "--model", "digits-cnn", "--input", "{\"pixels\": [1]}"]).await;
     assert_eq!(bad.code, 3, "a 422 from the API");
     assert!(bad.stderr.contains("/input/pixels"), "{}", bad.stderr);

@@ -71,8 +71,7 @@ async fn concurrent_duplicates_create_one_job() {
     }
     assert_eq!(created, 1);
     assert_eq!(ids.len(), 1);
-    let listed: Value =
-        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let listed = app.get_json("/v1/jobs").await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 1);
 }
 
@@ -141,9 +140,7 @@ async fn long_poll_answers_when_the_job_finishes() {
     let id = app.submit("digits-cnn", digit_input()).await;
     // Nothing runs it yet: a short wait returns the queued job after the wait.
     let started = std::time::Instant::now();
-    let response =
-        app.client.get(app.url(&format!("/v1/jobs/{id}?wait=1"))).bearer_auth(&app.token).send().await.unwrap();
-    let job: Value = response.json().await.unwrap();
+    let job = app.get_json(&format!("/v1/jobs/{id}?wait=1")).await;
     assert_eq!(job["status"], "queued");
     assert!(started.elapsed() >= Duration::from_millis(900));
 
@@ -202,11 +199,11 @@ async fn listing_pages_through_every_job_once_with_filters() {
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let mut url = app.url("/v1/jobs?limit=2");
+        let mut path = "/v1/jobs?limit=2".to_owned();
         if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={c}"));
+            path.push_str(&format!("&cursor={c}"));
         }
-        let page: Value = app.client.get(url).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+        let page = app.get_json(&path).await;
         pages += 1;
         for job in page["data"].as_array().unwrap() {
             seen.push(job["id"].as_str().unwrap().to_owned());
@@ -223,27 +220,9 @@ async fn listing_pages_through_every_job_once_with_filters() {
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(seen, sorted, "newest first");
 
-    let filtered: Value = app
-        .client
-        .get(app.url("/v1/jobs?model=minilm-embed&status=queued"))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let filtered = app.get_json("/v1/jobs?model=minilm-embed&status=queued").await;
     assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
-    let none: Value = app
-        .client
-        .get(app.url("/v1/jobs?status=succeeded"))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let none = app.get_json("/v1/jobs?status=succeeded").await;
     assert!(none["data"].as_array().unwrap().is_empty());
 
     let bad = app.client.get(app.url("/v1/jobs?status=done")).bearer_auth(&app.token).send().await.unwrap();
@@ -283,8 +262,7 @@ async fn bad_inputs_are_422_problems_naming_the_field() {
         assert_eq!(problem["errors"][0]["pointer"], "/input/text", "{problem}");
     }
     // Nothing was queued.
-    let listed: Value =
-        app.client.get(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap().json().await.unwrap();
+    let listed = app.get_json("/v1/jobs").await;
     assert!(listed["data"].as_array().unwrap().is_empty());
 
     let malformed = app
@@ -333,8 +311,7 @@ async fn unknown_models_and_jobs_and_other_users_jobs_are_404() {
     let cancel =
         app.client.post(app.url(&format!("/v1/jobs/{id}/cancel"))).bearer_auth(&stranger).send().await.unwrap();
     assert_eq!(cancel.status(), StatusCode::NOT_FOUND);
-    let listed: Value =
-        app.client.get(app.url("/v1/jobs")).bearer_auth(&stranger).send().await.unwrap().json().await.unwrap();
+    let listed = app.get_json_as("/v1/jobs", &stranger).await;
     assert!(listed["data"].as_array().unwrap().is_empty());
 }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::client::{CliError, Client};
-use crate::output::{field, print_json, table};
+use crate::output::{field, print_json, print_page, table};
 
 #[derive(Subcommand)]
 pub enum BatchCommand {
@@ -86,20 +86,10 @@ pub async fn run(command: BatchCommand, json_output: bool) -> Result<(), CliErro
         BatchCommand::Status { id } => show(&client.get(&format!("/v1/batches/{id}"), &[]).await?, json_output),
         BatchCommand::List { limit } => {
             let page = client.get("/v1/batches", &[("limit", limit.to_string())]).await?;
-            if json_output {
-                print_json(&page);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = page["data"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|b| {
-                    let progress = b["progress"].as_f64().map_or("-".into(), |p| format!("{:.0}%", p * 100.0));
-                    vec![field(b, "id"), field(b, "model"), field(b, "total"), progress, field(b, "created_at")]
-                })
-                .collect();
-            println!("{}", table(&["BATCH", "MODEL", "JOBS", "DONE", "CREATED"], &rows));
+            print_page(&page, json_output, &["BATCH", "MODEL", "JOBS", "DONE", "CREATED"], |b| {
+                let progress = b["progress"].as_f64().map_or("-".into(), |p| format!("{:.0}%", p * 100.0));
+                vec![field(b, "id"), field(b, "model"), field(b, "total"), progress, field(b, "created_at")]
+            });
             Ok(())
         }
         BatchCommand::Results { id, output } => save_results(&client, &id.to_string(), output).await,

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::client::{CliError, Client};
-use crate::output::{field, print_json, shorten, table};
+use crate::output::{field, print_json, print_page, shorten};
 
 #[derive(Subcommand)]
 pub enum JobsCommand {
@@ -108,25 +108,10 @@ pub async fn run(command: JobsCommand, json_output: bool) -> Result<(), CliError
             query.extend(status.map(|s| ("status", s)));
             query.extend(model.map(|m| ("model", m)));
             let page = client.get("/v1/jobs", &query).await?;
-            if json_output {
-                print_json(&page);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = page["data"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|j| {
-                    vec![
-                        field(j, "id"),
-                        field(j, "model"),
-                        field(j, "status"),
-                        field(j, "attempts"),
-                        field(j, "created_at"),
-                    ]
-                })
-                .collect();
-            println!("{}", table(&["JOB", "MODEL", "STATUS", "ATTEMPTS", "CREATED"], &rows));
+            print_page(&page, json_output, &["JOB", "MODEL", "STATUS", "ATTEMPTS", "CREATED"], |j| {
+                let columns = ["id", "model", "status", "attempts", "created_at"];
+                columns.iter().map(|key| field(j, key)).collect()
+            });
             Ok(())
         }
         JobsCommand::Cancel { id } => {

@@ -37,6 +37,16 @@ pub fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
+/// One page of a list endpoint: as is with `--json`, else its `data` as a table.
+pub fn print_page(page: &Value, json_output: bool, headers: &[&str], row: impl Fn(&Value) -> Vec<String>) {
+    if json_output {
+        print_json(page);
+        return;
+    }
+    let rows: Vec<Vec<String>> = page["data"].as_array().into_iter().flatten().map(row).collect();
+    println!("{}", table(headers, &rows));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
