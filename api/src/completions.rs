@@ -7,10 +7,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
-use sea_orm::sqlx::postgres::PgListener;
+use spool_shared::db;
 use spool_shared::job::JOB_DONE_CHANNEL;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -62,36 +61,17 @@ impl CompletionWaiters {
         self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Listens for completions until shutdown, reconnecting when the connection drops.
+    /// Listens for completions until shutdown, reconnecting when the connection drops;
+    /// after a gap every waiter re-checks its job.
     pub async fn listen(self, db: DatabaseConnection, shutdown: CancellationToken) {
-        loop {
-            let session = async {
-                let mut listener = PgListener::connect_with(db.get_postgres_connection_pool()).await?;
-                listener.listen(JOB_DONE_CHANNEL).await?;
-                // Anything that finished while we were not listening: let waiters re-check.
-                self.wake_all();
-                loop {
-                    let notification = listener.recv().await?;
-                    if let Ok(job_id) = Uuid::parse_str(notification.payload()) {
-                        self.wake(job_id);
-                    }
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), sea_orm::sqlx::Error>(())
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                result = session => {
-                    if let Err(error) = result {
-                        tracing::warn!(%error, "completion listener lost its connection; reconnecting");
-                    }
-                }
+        let wake = |payload: &str| {
+            if let Ok(job_id) = Uuid::parse_str(payload) {
+                self.wake(job_id);
             }
-            self.wake_all();
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = db::listen_forever(&db, JOB_DONE_CHANNEL, || self.wake_all(), wake) => {}
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sea_orm::sqlx::postgres::PgSslMode;
+use sea_orm::sqlx::postgres::{PgListener, PgSslMode};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 use secrecy::ExposeSecret;
 
@@ -22,6 +22,35 @@ pub async fn connect(settings: &Settings) -> Result<DatabaseConnection, DbErr> {
         options.map_sqlx_postgres_opts(|pg| pg.ssl_mode(PgSslMode::Disable));
     }
     Database::connect(options).await
+}
+
+/// Calls `on_notice` with the payload of every `NOTIFY` on `channel`, for as long as the
+/// future is polled: when the connection drops it listens again a second later. `on_gap`
+/// runs whenever notices may have been missed: when listening (re)starts and when the
+/// connection is lost.
+pub async fn listen_forever(
+    db: &DatabaseConnection,
+    channel: &str,
+    mut on_gap: impl FnMut(),
+    mut on_notice: impl FnMut(&str),
+) {
+    loop {
+        let session = async {
+            let mut listener = PgListener::connect_with(db.get_postgres_connection_pool()).await?;
+            listener.listen(channel).await?;
+            on_gap();
+            loop {
+                on_notice(listener.recv().await?.payload());
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sea_orm::sqlx::Error>(())
+        };
+        if let Err(error) = session.await {
+            tracing::warn!(%error, channel, "LISTEN connection lost; listening again in a second");
+        }
+        on_gap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn loopback_without_sslmode(url: &str) -> bool {

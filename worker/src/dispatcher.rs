@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use spool_shared::breaker::SharedBreaker;
 use spool_shared::config::WebhookSettings;
@@ -383,31 +382,11 @@ fn describe(error: &reqwest::Error) -> String {
     text
 }
 
-/// Wakes the dispatcher when deliveries are queued; reconnects when the connection drops.
+/// Wakes the dispatcher when deliveries are queued (and after a gap in listening).
 async fn listen(db: DatabaseConnection, wake: Arc<Notify>, shutdown: CancellationToken) {
-    loop {
-        let session = async {
-            let mut listener = PgListener::connect_with(db.get_postgres_connection_pool()).await?;
-            listener.listen(DELIVERIES_CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                wake.notify_one();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sea_orm::sqlx::Error>(())
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            result = session => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "webhook listener lost its connection; reconnecting");
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = spool_shared::db::listen_forever(&db, DELIVERIES_CHANNEL, || wake.notify_one(), |_| wake.notify_one()) => {}
     }
 }
 
