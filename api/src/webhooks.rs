@@ -3,7 +3,7 @@
 //! dispatcher (worker crate); here they are only listed and re-queued.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement};
 use spool_shared::ssrf::{TargetError, TargetPolicy};
 use spool_shared::webhooks::{DELIVERIES_CHANNEL, new_secret};
 use uuid::Uuid;
@@ -42,6 +42,7 @@ pub fn check_events(events: &[String], allowed: &[&str], pointer: &str) -> Resul
     Ok(unique)
 }
 
+#[derive(FromQueryResult)]
 pub struct Subscription {
     pub id: Uuid,
     pub url: String,
@@ -54,20 +55,6 @@ pub struct Subscription {
 
 const SUBSCRIPTION_COLUMNS: &str = "id, url, events, description, disabled_at, disabled_reason, created_at";
 
-impl Subscription {
-    fn from_row(row: &QueryResult) -> Result<Self, sea_orm::DbErr> {
-        Ok(Self {
-            id: row.try_get("", "id")?,
-            url: row.try_get("", "url")?,
-            events: row.try_get("", "events")?,
-            description: row.try_get("", "description")?,
-            disabled_at: row.try_get("", "disabled_at")?,
-            disabled_reason: row.try_get("", "disabled_reason")?,
-            created_at: row.try_get("", "created_at")?,
-        })
-    }
-}
-
 /// Creates a subscription; returns it with its signing secret (shown this once).
 pub async fn create(
     db: &DatabaseConnection,
@@ -77,52 +64,50 @@ pub async fn create(
     description: String,
 ) -> Result<(Subscription, String), ApiError> {
     let secret = new_secret();
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!(
-                "INSERT INTO webhook_subscriptions (id, owner_id, url, events, description, secret) \
+    let subscription = Subscription::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "INSERT INTO webhook_subscriptions (id, owner_id, url, events, description, secret) \
                  SELECT $1, $2, $3, $4, $5, $6 \
                   WHERE (SELECT count(*) FROM webhook_subscriptions WHERE owner_id = $2) < $7 \
                  RETURNING {SUBSCRIPTION_COLUMNS}"
-            ),
-            [
-                Uuid::now_v7().into(),
-                owner_id.into(),
-                url.into(),
-                events.into(),
-                description.into(),
-                secret.clone().into(),
-                MAX_SUBSCRIPTIONS.into(),
-            ],
-        ))
-        .await?
-        .ok_or_else(|| ApiError::InvalidRequest(format!("an account may have at most {MAX_SUBSCRIPTIONS} webhooks")))?;
-    Ok((Subscription::from_row(&row)?, secret))
+        ),
+        [
+            Uuid::now_v7().into(),
+            owner_id.into(),
+            url.into(),
+            events.into(),
+            description.into(),
+            secret.clone().into(),
+            MAX_SUBSCRIPTIONS.into(),
+        ],
+    ))
+    .one(db)
+    .await?
+    .ok_or_else(|| ApiError::InvalidRequest(format!("an account may have at most {MAX_SUBSCRIPTIONS} webhooks")))?;
+    Ok((subscription, secret))
 }
 
 pub async fn list(db: &DatabaseConnection, owner_id: Uuid) -> Result<Vec<Subscription>, ApiError> {
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE owner_id = $1 ORDER BY id"),
-            [owner_id.into()],
-        ))
-        .await?;
-    Ok(rows.iter().map(Subscription::from_row).collect::<Result<_, _>>()?)
+    Ok(Subscription::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE owner_id = $1 ORDER BY id"),
+        [owner_id.into()],
+    ))
+    .all(db)
+    .await?)
 }
 
 /// The caller's subscription, or `WebhookNotFound` (also when it is someone else's).
 pub async fn get(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<Subscription, ApiError> {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1 AND owner_id = $2"),
-            [id.into(), owner_id.into()],
-        ))
-        .await?
-        .ok_or(ApiError::WebhookNotFound)?;
-    Ok(Subscription::from_row(&row)?)
+    Subscription::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE id = $1 AND owner_id = $2"),
+        [id.into(), owner_id.into()],
+    ))
+    .one(db)
+    .await?
+    .ok_or(ApiError::WebhookNotFound)
 }
 
 /// Deletes a subscription and its delivery log.
@@ -179,6 +164,7 @@ pub async fn send_test(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Res
     row.map(|_| delivery_id).ok_or(ApiError::WebhookNotFound)
 }
 
+#[derive(FromQueryResult)]
 pub struct Delivery {
     pub id: Uuid,
     pub subscription_id: Option<Uuid>,
@@ -203,37 +189,17 @@ pub async fn deliveries(
     limit: u64,
 ) -> Result<Vec<Delivery>, ApiError> {
     get(db, owner_id, subscription_id).await?;
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT id, subscription_id, job_id, event_type, status, attempts, last_status_code, last_error,
+    Ok(Delivery::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT id, subscription_id, job_id, event_type, status, attempts, last_status_code, last_error,
                     last_latency_ms, CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
                     attempt_log, created_at, delivered_at
                FROM webhook_deliveries WHERE subscription_id = $1 AND owner_id = $2
               ORDER BY created_at DESC LIMIT $3",
-            [subscription_id.into(), owner_id.into(), (limit as i64).into()],
-        ))
-        .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Delivery {
-                id: row.try_get("", "id")?,
-                subscription_id: row.try_get("", "subscription_id")?,
-                job_id: row.try_get("", "job_id")?,
-                event_type: row.try_get("", "event_type")?,
-                status: row.try_get("", "status")?,
-                attempts: row.try_get("", "attempts")?,
-                last_status_code: row.try_get("", "last_status_code")?,
-                last_error: row.try_get("", "last_error")?,
-                last_latency_ms: row.try_get("", "last_latency_ms")?,
-                next_attempt_at: row.try_get("", "next_attempt_at")?,
-                attempt_log: row.try_get("", "attempt_log")?,
-                created_at: row.try_get("", "created_at")?,
-                delivered_at: row.try_get("", "delivered_at")?,
-            })
-        })
-        .collect::<Result<_, sea_orm::DbErr>>()
-        .map_err(Into::into)
+        [subscription_id.into(), owner_id.into(), (limit as i64).into()],
+    ))
+    .all(db)
+    .await?)
 }
 
 /// Sends a delivery again now (whatever its status), with the same `webhook-id`.

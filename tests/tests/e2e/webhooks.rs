@@ -50,6 +50,20 @@ async fn deliveries(app: &TestApp, token: &str, subscription: &str) -> Vec<Value
     call(app, token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone()
 }
 
+/// The subscription's delivery log once its newest delivery has succeeded (or after 5 s,
+/// for the caller's assertion to report).
+async fn deliveries_once_succeeded(app: &TestApp, token: &str, subscription: &str) -> Vec<Value> {
+    let mut log = Vec::new();
+    for _ in 0..50 {
+        log = deliveries(app, token, subscription).await;
+        if log[0]["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_webhooks() {
     let (app, token) = app_with_dispatcher(true).await;
@@ -119,14 +133,7 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     let received = receiver.wait_for(3, Duration::from_secs(15)).await;
     let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
     assert_eq!(ids.len(), 1, "the same webhook-id on every retry");
-    let mut log = Vec::new();
-    for _ in 0..50 {
-        log = deliveries(&app, &token, &id).await;
-        if log[0]["status"] == "succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let log = deliveries_once_succeeded(&app, &token, &id).await;
     let delivery = &log[0];
     assert_eq!(delivery["status"], "succeeded", "{delivery}");
     assert_eq!(delivery["attempts"], 3);
@@ -208,14 +215,7 @@ async fn a_dispatcher_killed_mid_delivery_delivers_after_its_restart() {
     // Once the dead dispatcher's lease runs out, the delivery goes again, same id.
     let received = receiver.wait_for(2, Duration::from_secs(15)).await;
     assert_eq!(received[0].header("webhook-id"), received[1].header("webhook-id"));
-    let mut log = Vec::new();
-    for _ in 0..50 {
-        log = deliveries(&app, &token, &id).await;
-        if log[0]["status"] == "succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let log = deliveries_once_succeeded(&app, &token, &id).await;
     assert_eq!(log[0]["status"], "succeeded", "{log:#?}");
     assert_eq!(log[0]["attempts"], 2);
 }
