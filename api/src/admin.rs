@@ -3,10 +3,11 @@
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
 use serde_json::json;
+use spool_shared::amqp::JobEnvelope;
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
-use crate::publisher::Publisher;
+use crate::publisher::{Publisher, envelope_from_row};
 
 /// Which dead letters an operator means.
 #[derive(Debug, Clone, Default)]
@@ -132,15 +133,12 @@ pub async fn requeue(
             format!(
                 "UPDATE jobs SET status = 'queued', attempts = 0, dead_lettered = false, error = NULL, \
                         completed_at = NULL, published_at = NULL \
-                  WHERE dead_lettered AND {condition} RETURNING id, model"
+                  WHERE dead_lettered AND {condition} RETURNING id, model, request_id"
             ),
             values,
         ))
         .await?;
-    let jobs: Vec<(Uuid, String)> = rows
-        .into_iter()
-        .map(|row| Ok((row.try_get("", "id")?, row.try_get("", "model")?)))
-        .collect::<Result<_, sea_orm::DbErr>>()?;
+    let jobs: Vec<JobEnvelope> = rows.iter().map(envelope_from_row).collect::<Result<_, _>>()?;
     let detail = match selector {
         RequeueSelector::Ids(ids) => json!({"ids": ids}),
         RequeueSelector::Model(model) => json!({"model": model}),
@@ -149,9 +147,9 @@ pub async fn requeue(
     audit(&txn, actor, "dead_letters.requeue", detail, jobs.len() as u64).await?;
     txn.commit().await?;
     // Committed first: what cannot be published now, the outbox relay publishes later.
-    for (id, model) in &jobs {
-        if publisher.publish(*id, model).await.is_ok() {
-            publisher.mark_published(*id);
+    for job in &jobs {
+        if publisher.publish(job).await.is_ok() {
+            publisher.mark_published(job.job_id);
         }
     }
     Ok(jobs.len() as u64)

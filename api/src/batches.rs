@@ -9,6 +9,7 @@ use futures::Stream;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, QueryResult, Statement, TransactionTrait};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use spool_shared::amqp::JobEnvelope;
 use spool_shared::job::JOB_DONE_CHANNEL;
 use uuid::Uuid;
 
@@ -147,6 +148,15 @@ pub enum Submission {
 
 /// Commits the batch and all its jobs in one transaction, then publishes them.
 #[allow(clippy::too_many_arguments)] // the request's parts, each already checked
+/// What a batch may carry besides its items.
+#[derive(Debug, Default)]
+pub struct BatchOptions {
+    /// Per-job webhook for every job of the batch; it also receives `batch.completed`.
+    pub webhook: Option<JobWebhook>,
+    /// The submitting request's `x-request-id`: every job's trace id.
+    pub request_id: Option<String>,
+}
+
 pub async fn submit(
     db: &DatabaseConnection,
     publisher: &Publisher,
@@ -154,13 +164,18 @@ pub async fn submit(
     model: &str,
     items: Vec<BatchItem>,
     key: Option<IdempotencyKey>,
-    webhook: Option<JobWebhook>,
+    options: BatchOptions,
 ) -> Result<Submission, ApiError> {
+    let BatchOptions { webhook, request_id } = options;
     let request_hash = key.as_ref().map(|_| {
         let mut hasher = Sha256::new();
         hasher.update(model.as_bytes());
         for item in &items {
             hasher.update(json!([item.custom_id, item.input]).to_string().as_bytes());
+        }
+        // Added only when present, so a key first used without a webhook still replays.
+        if let Some(webhook) = &webhook {
+            hasher.update(webhook.canonical().to_string().as_bytes());
         }
         hasher.finalize().to_vec()
     });
@@ -217,8 +232,8 @@ pub async fn submit(
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "INSERT INTO jobs (id, owner_id, model, status, input, batch_id, batch_index, custom_id, \
-                               webhook_url, webhook_events) \
-             SELECT u.id, $2, $3, 'queued', u.input, $4, u.idx, u.custom_id, $5, $6 \
+                               webhook_url, webhook_events, request_id) \
+             SELECT u.id, $2, $3, 'queued', u.input, $4, u.idx, u.custom_id, $5, $6, $7 \
                FROM jsonb_to_recordset($1::jsonb) AS u(id uuid, idx integer, input jsonb, custom_id text)",
             [
                 Value::Array(rows).into(),
@@ -227,6 +242,7 @@ pub async fn submit(
                 batch_id.into(),
                 webhook.as_ref().map(|w| w.url.clone()).into(),
                 webhook.as_ref().map(|w| w.events.clone()).into(),
+                request_id.clone().into(),
             ],
         ))
         .await?;
@@ -241,7 +257,9 @@ pub async fn submit(
     txn.commit().await?;
 
     // Committed: whatever is not confirmed now, the outbox relay publishes later.
-    match publisher.publish_many(&job_ids, model).await {
+    let messages: Vec<JobEnvelope> =
+        job_ids.iter().map(|&id| JobEnvelope::new(id, model, request_id.as_deref())).collect();
+    match publisher.publish_many(&messages).await {
         Ok(confirmed) => confirmed.into_iter().for_each(|id| publisher.mark_published(id)),
         Err(error) => tracing::warn!(%batch_id, %error, "batch publish failed; the outbox relay will retry"),
     }

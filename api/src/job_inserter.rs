@@ -34,6 +34,7 @@ pub struct NewJob {
     pub start_within_secs: Option<f64>,
     pub webhook_url: Option<String>,
     pub webhook_events: Option<Vec<String>>,
+    pub request_id: Option<String>,
 }
 
 /// The inserted row, or `None` when the owner's idempotency key was already taken.
@@ -116,13 +117,14 @@ async fn insert_rows(db: &DatabaseConnection, jobs: &[&NewJob]) -> Result<HashMa
             DbBackend::Postgres,
             r#"WITH job AS (
                    INSERT INTO jobs (id, owner_id, model, status, input, idempotency_key, request_hash, start_deadline,
-                                     webhook_url, webhook_events)
+                                     webhook_url, webhook_events, request_id)
                    SELECT r.id, r.owner_id, r.model, 'queued', r.input, r.idempotency_key, decode(r.request_hash, 'hex'),
-                          now() + make_interval(secs => r.start_within_secs), r.webhook_url, r.webhook_events
+                          now() + make_interval(secs => r.start_within_secs), r.webhook_url, r.webhook_events,
+                          r.request_id
                      FROM jsonb_to_recordset($1::text::jsonb)
                           AS r(id uuid, owner_id uuid, model text, input jsonb, idempotency_key text,
                                request_hash text, start_within_secs double precision, webhook_url text,
-                               webhook_events text[])
+                               webhook_events text[], request_id text)
                    ON CONFLICT (owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                    RETURNING *),
                counted AS (

@@ -8,6 +8,7 @@ use sea_orm::{
     Statement, TransactionTrait,
 };
 use sha2::{Digest, Sha256};
+use spool_shared::amqp::JobEnvelope;
 use spool_shared::entities::jobs;
 use spool_shared::job::{JOB_DONE_CHANNEL, JobStatus};
 use uuid::Uuid;
@@ -56,12 +57,25 @@ pub struct JobWebhook {
     pub events: Vec<String>,
 }
 
+impl JobWebhook {
+    /// The target as an idempotency hash sees it: the event order does not matter.
+    pub fn canonical(&self) -> serde_json::Value {
+        let mut events = self.events.clone();
+        events.sort();
+        events.dedup();
+        serde_json::json!({ "url": self.url, "events": events })
+    }
+}
+
 /// What a job may carry besides its model and input.
 #[derive(Debug, Clone, Default)]
 pub struct JobOptions {
     /// Time-to-start deadline: not started by then, it fails with `deadline_exceeded`.
     pub start_within: Option<Duration>,
     pub webhook: Option<JobWebhook>,
+    /// The submitting request's `x-request-id`, kept as the job's trace id (not part of
+    /// the idempotency hash: a client's retry is another request).
+    pub request_id: Option<String>,
 }
 
 /// Commits the job (sharing the statement with concurrent submissions), then publishes
@@ -76,7 +90,7 @@ pub async fn submit(
     key: Option<IdempotencyKey>,
     options: JobOptions,
 ) -> Result<Submission, ApiError> {
-    let request_hash = key.as_ref().map(|_| request_hash(&request));
+    let request_hash = key.as_ref().map(|_| request_hash(&request, &options));
     let inserted = inserter
         .insert(NewJob {
             id: Uuid::now_v7(),
@@ -88,6 +102,7 @@ pub async fn submit(
             start_within_secs: options.start_within.map(|d| d.as_secs_f64()),
             webhook_url: options.webhook.as_ref().map(|w| w.url.clone()),
             webhook_events: options.webhook.map(|w| w.events),
+            request_id: options.request_id,
         })
         .await?;
 
@@ -107,7 +122,7 @@ pub async fn submit(
         };
     };
 
-    match publisher.publish(job.id, &job.model).await {
+    match publisher.publish(&JobEnvelope::new(job.id, &job.model, job.request_id.as_deref())).await {
         Ok(()) => publisher.mark_published(job.id),
         Err(error) => tracing::warn!(job_id = %job.id, %error, "publish failed; the outbox relay will retry"),
     }
@@ -115,9 +130,17 @@ pub async fn submit(
     Ok(Submission::Created(job))
 }
 
-/// SHA-256 of the request's canonical JSON (serde_json sorts object keys).
-fn request_hash(request: &ValidJobRequest) -> Vec<u8> {
-    let canonical = serde_json::json!({ "model": request.model, "input": request.input });
+/// SHA-256 of the request's canonical JSON (serde_json sorts object keys): a replay must
+/// repeat the model, the input and the options. Options are added only when present, so
+/// a key first used without them hashes as it always did.
+fn request_hash(request: &ValidJobRequest, options: &JobOptions) -> Vec<u8> {
+    let mut canonical = serde_json::json!({ "model": request.model, "input": request.input });
+    if let Some(start_within) = options.start_within {
+        canonical["start_within_secs"] = start_within.as_secs().into();
+    }
+    if let Some(webhook) = &options.webhook {
+        canonical["webhook"] = webhook.canonical();
+    }
     Sha256::digest(canonical.to_string().as_bytes()).to_vec()
 }
 
@@ -246,7 +269,33 @@ mod tests {
         let a = ValidJobRequest { model: "m".into(), input: serde_json::json!({"a": 1, "b": 2}) };
         let b = ValidJobRequest { model: "m".into(), input: serde_json::json!({"b": 2, "a": 1}) };
         let c = ValidJobRequest { model: "m".into(), input: serde_json::json!({"a": 1, "b": 3}) };
-        assert_eq!(request_hash(&a), request_hash(&b));
-        assert_ne!(request_hash(&a), request_hash(&c));
+        let none = JobOptions::default();
+        assert_eq!(request_hash(&a, &none), request_hash(&b, &none));
+        assert_ne!(request_hash(&a, &none), request_hash(&c, &none));
+    }
+
+    #[test]
+    fn the_request_hash_covers_the_options() {
+        let request = ValidJobRequest { model: "m".into(), input: serde_json::json!({"a": 1}) };
+        let webhook = |url: &str, events: &[&str]| JobWebhook {
+            url: url.into(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+        };
+        let with = |start_within: Option<u64>, webhook: Option<JobWebhook>| {
+            let start_within = start_within.map(Duration::from_secs);
+            request_hash(&request, &JobOptions { start_within, webhook, request_id: None })
+        };
+        // A key first used before options were hashed still replays.
+        assert_eq!(with(None, None), Sha256::digest(br#"{"input":{"a":1},"model":"m"}"#).to_vec());
+        assert_ne!(with(None, None), with(Some(60), None));
+        assert_ne!(with(Some(60), None), with(Some(61), None));
+        let hook = with(None, Some(webhook("https://a.example/h", &["completed", "started"])));
+        assert_ne!(with(None, None), hook);
+        assert_ne!(hook, with(None, Some(webhook("https://b.example/h", &["completed", "started"]))));
+        assert_ne!(hook, with(None, Some(webhook("https://a.example/h", &["completed"]))));
+        assert_eq!(hook, with(None, Some(webhook("https://a.example/h", &["started", "completed"]))));
+        // A client's retry comes with another request id.
+        let retried = JobOptions { request_id: Some("retry-2".into()), ..JobOptions::default() };
+        assert_eq!(with(None, None), request_hash(&request, &retried));
     }
 }

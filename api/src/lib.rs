@@ -209,7 +209,22 @@ fn endpoint(state: AppState) -> impl Endpoint {
             Ok(response)
         })
         .with(RequestId::default().reuse_id(ReuseId::Use))
+        .around(|endpoint, mut request| async move {
+            // A client's own id is kept only when it is short and plain: it is logged and
+            // stored with the jobs it submits. Otherwise `RequestId` makes a new one.
+            if !request.header(REQUEST_ID).is_none_or(is_plain_request_id) {
+                request.headers_mut().remove(REQUEST_ID);
+            }
+            Ok(endpoint.get_response(request).await)
+        })
         .into_endpoint()
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// 1–128 letters, digits and `-_.:` (a UUID, a ULID, a proxy's hex id all qualify).
+fn is_plain_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// Refuses bodies over `max` bytes with a 413, whether or not they declare a length
@@ -248,5 +263,20 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_short_plain_request_ids_are_kept() {
+        assert!(is_plain_request_id("3f2b9c1e-5d4a-4b8e-9f00-1a2b3c4d5e6f"));
+        assert!(is_plain_request_id("client.req:42_a"));
+        assert!(!is_plain_request_id(""));
+        assert!(!is_plain_request_id("has space"));
+        assert!(!is_plain_request_id("quote\"s"));
+        assert!(!is_plain_request_id(&"a".repeat(129)));
     }
 }

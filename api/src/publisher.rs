@@ -6,13 +6,12 @@
 //! confirm, before `published_at` was written); the worker's conditional state
 //! transitions make the second copy harmless.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement, TransactionTrait};
 use spool_shared::Settings;
 use spool_shared::amqp::{self, JobEnvelope, Topology};
 use tokio::sync::{RwLock, mpsc};
@@ -68,9 +67,9 @@ impl Publisher {
     }
 
     /// Publishes the job's message and waits for the broker's confirm.
-    pub async fn publish(&self, job_id: Uuid, model: &str) -> Result<(), PublishError> {
+    pub async fn publish(&self, job: &JobEnvelope) -> Result<(), PublishError> {
         let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
-        let confirm = self.send(&channel, job_id, model).await?;
+        let confirm = self.send(&channel, job).await?;
         confirmed(confirm, Instant::now() + CONFIRM_TIMEOUT).await
     }
 
@@ -78,20 +77,20 @@ impl Publisher {
     /// awaited. Returns the ids the broker confirmed; the others are the outbox relay's.
     /// Sending and confirming each get one `CONFIRM_TIMEOUT` for all the messages, so a
     /// stalled broker holds the caller seconds, not seconds per message.
-    pub async fn publish_many(&self, job_ids: &[Uuid], model: &str) -> Result<Vec<Uuid>, PublishError> {
+    pub async fn publish_many(&self, jobs: &[JobEnvelope]) -> Result<Vec<Uuid>, PublishError> {
         let channel = self.inner.channel.read().await.clone().ok_or(PublishError::NotConnected)?;
         let sending_deadline = Instant::now() + CONFIRM_TIMEOUT;
-        let mut pending = Vec::with_capacity(job_ids.len());
-        for &job_id in job_ids {
-            let sent = tokio::time::timeout_at(sending_deadline, self.send(&channel, job_id, model))
+        let mut pending = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let sent = tokio::time::timeout_at(sending_deadline, self.send(&channel, job))
                 .await
                 .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
             match sent {
-                Ok(confirm) => pending.push((job_id, confirm)),
+                Ok(confirm) => pending.push((job.job_id, confirm)),
                 Err(error) if pending.is_empty() => return Err(error),
                 Err(error) => {
                     // What was sent may still be confirmed; the rest is the relay's.
-                    tracing::warn!(%error, sent = pending.len(), of = job_ids.len(), "publishing stopped early");
+                    tracing::warn!(%error, sent = pending.len(), of = jobs.len(), "publishing stopped early");
                     break;
                 }
             }
@@ -108,18 +107,17 @@ impl Publisher {
         Ok(done)
     }
 
-    async fn send(&self, channel: &Channel, job_id: Uuid, model: &str) -> Result<PublisherConfirm, PublishError> {
-        let envelope = JobEnvelope::new(job_id, model);
+    async fn send(&self, channel: &Channel, job: &JobEnvelope) -> Result<PublisherConfirm, PublishError> {
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/json".into())
-            .with_message_id(job_id.to_string().into());
+            .with_message_id(job.job_id.to_string().into());
         Ok(channel
             .basic_publish(
                 self.inner.topology.jobs_exchange().into(),
-                model.into(),
+                job.model.as_str().into(),
                 BasicPublishOptions { mandatory: true, ..Default::default() },
-                &envelope.to_bytes(),
+                &job.to_bytes(),
                 properties,
             )
             .await?)
@@ -242,7 +240,7 @@ pub async fn relay_once(db: &DatabaseConnection, publisher: &Publisher, grace_ms
     let rows = txn
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            r#"SELECT id, model FROM jobs
+            r#"SELECT id, model, request_id FROM jobs
                 WHERE published_at IS NULL AND status = 'queued'
                   AND created_at < now() - make_interval(secs => $1::double precision / 1000)
                 ORDER BY created_at
@@ -251,22 +249,19 @@ pub async fn relay_once(db: &DatabaseConnection, publisher: &Publisher, grace_ms
             [grace_ms.into()],
         ))
         .await?;
-    // Pipelined per model: a batch committed while the broker was down goes out in a few
-    // passes, not one confirm round trip per job.
-    let mut by_model: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
-    for row in rows {
-        by_model.entry(row.try_get("", "model")?).or_default().push(row.try_get("", "id")?);
+    let jobs = rows.iter().map(envelope_from_row).collect::<Result<Vec<_>, _>>()?;
+    if jobs.is_empty() {
+        return Ok(0);
     }
-    let mut published = Vec::new();
-    for (model, ids) in &by_model {
-        match publisher.publish_many(ids, model).await {
-            Ok(confirmed) => published.extend(confirmed),
-            Err(error) => {
-                tracing::warn!(%error, %model, "outbox relay could not publish");
-                break;
-            }
+    // Pipelined: a batch committed while the broker was down goes out in a few passes,
+    // not one confirm round trip per job.
+    let published = match publisher.publish_many(&jobs).await {
+        Ok(confirmed) => confirmed,
+        Err(error) => {
+            tracing::warn!(%error, "outbox relay could not publish");
+            Vec::new()
         }
-    }
+    };
     if !published.is_empty() {
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -277,4 +272,10 @@ pub async fn relay_once(db: &DatabaseConnection, publisher: &Publisher, grace_ms
     }
     txn.commit().await?;
     Ok(published.len())
+}
+
+/// The message for a job row read with its `id`, `model` and `request_id`.
+pub fn envelope_from_row(row: &QueryResult) -> Result<JobEnvelope, DbErr> {
+    let request_id: Option<String> = row.try_get("", "request_id")?;
+    Ok(JobEnvelope::new(row.try_get("", "id")?, &row.try_get::<String>("", "model")?, request_id.as_deref()))
 }

@@ -169,15 +169,16 @@ pub struct JobEnvelope {
     pub v: u8,
     pub job_id: Uuid,
     pub model: String,
-    /// Joins the API's and the worker's spans for one job.
+    /// The `x-request-id` of the request that created the job: the worker logs it with the
+    /// job's outcome, so one id finds the job in the API's and the worker's logs.
     pub trace_id: Option<String>,
 }
 
 impl JobEnvelope {
     pub const VERSION: u8 = 1;
 
-    pub fn new(job_id: Uuid, model: &str) -> Self {
-        Self { v: Self::VERSION, job_id, model: model.to_owned(), trace_id: None }
+    pub fn new(job_id: Uuid, model: &str, trace_id: Option<&str>) -> Self {
+        Self { v: Self::VERSION, job_id, model: model.to_owned(), trace_id: trace_id.map(str::to_owned) }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -205,7 +206,12 @@ mod tests {
 
     #[test]
     fn envelope_round_trips() {
-        let envelope = JobEnvelope::new(Uuid::now_v7(), "digits-cnn");
-        assert_eq!(JobEnvelope::from_bytes(&envelope.to_bytes()).ok(), Some(envelope));
+        for trace_id in [None, Some("req-42")] {
+            let envelope = JobEnvelope::new(Uuid::now_v7(), "digits-cnn", trace_id);
+            assert_eq!(JobEnvelope::from_bytes(&envelope.to_bytes()).ok(), Some(envelope));
+        }
+        // Messages published before trace ids were set still read.
+        let old = br#"{"v":1,"job_id":"0190d1e4-0000-7000-8000-000000000000","model":"digits-cnn","trace_id":null}"#;
+        assert_eq!(JobEnvelope::from_bytes(old).map(|e| e.trace_id).ok(), Some(None));
     }
 }

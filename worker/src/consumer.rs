@@ -205,12 +205,16 @@ async fn close(channel: &Channel) {
 async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     let (context, model) = (batch.worker, batch.model);
     let mut by_job: HashMap<Uuid, Vec<Delivery>> = HashMap::with_capacity(deliveries.len());
+    let mut trace_ids: HashMap<Uuid, String> = HashMap::new();
     let mut redelivered = Vec::new();
     for delivery in deliveries {
         match JobEnvelope::from_bytes(&delivery.data) {
             Ok(envelope) if envelope.model == model.spec.name => {
                 if delivery.redelivered {
                     redelivered.push(envelope.job_id);
+                }
+                if let Some(trace_id) = envelope.trace_id {
+                    trace_ids.insert(envelope.job_id, trace_id);
                 }
                 by_job.entry(envelope.job_id).or_default().push(delivery);
             }
@@ -256,7 +260,12 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         let completions: Vec<Completion> = ids_attempts
             .into_iter()
             .zip(results)
-            .map(|((id, attempt), result)| Completion { id, attempt, outcome: decide(batch.retry, result, attempt) })
+            .map(|((id, attempt), result)| Completion {
+                id,
+                attempt,
+                outcome: decide(batch.retry, result, attempt),
+                trace_id: trace_ids.remove(&id),
+            })
             .collect();
         // Retries and dead letters are published (and confirmed) before the commit: a crash
         // in between leaves the original message unacked, and its redelivery reruns the
@@ -274,7 +283,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
             until_db_answers(&context.database_breaker, batch.shutdown, "record results", record).await
         {
             tracing::debug!(written, "batch recorded");
-            record_metrics(&model.spec.name, &completions);
+            record_outcomes(&model.spec.name, &completions);
             ack_all(deliveries).await;
         }
     }
@@ -413,7 +422,7 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
             }
             _ => continue,
         };
-        let envelope = JobEnvelope::new(completion.id, model);
+        let envelope = JobEnvelope::new(completion.id, model, completion.trace_id.as_deref());
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -439,16 +448,25 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
     Ok(())
 }
 
-fn record_metrics(model: &str, completions: &[Completion]) {
+/// Counts each outcome, and logs it with the job's trace id (the `x-request-id` that
+/// submitted it): failures at `warn`, successes at `debug`.
+fn record_outcomes(model: &str, completions: &[Completion]) {
     metrics::histogram!("spool_worker_batch_size", "model" => model.to_owned()).record(completions.len() as f64);
     for completion in completions {
-        let outcome = match &completion.outcome {
-            Outcome::Succeeded(_) => "succeeded",
-            Outcome::Failed(_) => "failed",
-            Outcome::DeadLettered(_) => "dead_lettered",
-            Outcome::Retrying { .. } => "retrying",
+        let (outcome, error) = match &completion.outcome {
+            Outcome::Succeeded(_) => ("succeeded", None),
+            Outcome::Failed(error) => ("failed", Some(error)),
+            Outcome::DeadLettered(error) => ("dead_lettered", Some(error)),
+            Outcome::Retrying { error, .. } => ("retrying", Some(error)),
         };
         metrics::counter!("spool_worker_jobs_total", "model" => model.to_owned(), "outcome" => outcome).increment(1);
+        let (job_id, attempt, trace_id) = (completion.id, completion.attempt, completion.trace_id.as_deref());
+        match error {
+            Some(error) => {
+                tracing::warn!(%job_id, attempt, trace_id, outcome, code = error.code.as_str(), "job attempt failed")
+            }
+            None => tracing::debug!(%job_id, attempt, trace_id, outcome, "job succeeded"),
+        }
     }
 }
 

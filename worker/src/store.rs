@@ -36,6 +36,8 @@ pub struct Completion {
     pub id: Uuid,
     pub attempt: i32,
     pub outcome: Outcome,
+    /// From the job's message: logged with the outcome, passed on to retries.
+    pub trace_id: Option<String>,
 }
 
 impl Completion {

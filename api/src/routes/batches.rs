@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use poem::Body;
+use poem::middleware::ReqId;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{Binary, Json};
@@ -13,7 +14,7 @@ use uuid::Uuid;
 use super::ApiTags;
 use super::jobs::job_webhook;
 use crate::auth::{BearerAuth, Scope};
-use crate::batches::{self, BatchItem, Submission};
+use crate::batches::{self, BatchItem, BatchOptions, Submission};
 use crate::error::ApiError;
 use crate::jobs::IdempotencyKey;
 use crate::state::AppState;
@@ -139,6 +140,7 @@ impl BatchesApi {
         #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
         /// The model, for an NDJSON body.
         model: Query<Option<String>>,
+        request_id: Data<&ReqId>,
         body: CreateBatchBody,
     ) -> Result<CreateBatchResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
@@ -160,7 +162,8 @@ impl BatchesApi {
             None => None,
         };
         state.workers.check_model(&model).await?;
-        match batches::submit(&state.db, &state.publisher, auth.0.user_id, &model, items, key, webhook).await? {
+        let options = BatchOptions { webhook, request_id: Some(request_id.0.to_string()) };
+        match batches::submit(&state.db, &state.publisher, auth.0.user_id, &model, items, key, options).await? {
             Submission::Created(batch) => {
                 let location = format!("/v1/batches/{}", batch.id);
                 Ok(CreateBatchResponse::Accepted(Json(batch.into()), location))

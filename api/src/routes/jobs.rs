@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use poem::middleware::ReqId;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -90,6 +91,9 @@ pub struct Job {
     pub dead_lettered: bool,
     /// Not started by then: it fails with `deadline_exceeded`.
     pub start_deadline: Option<DateTime<Utc>>,
+    /// The `x-request-id` of the request that submitted the job (the worker logs it with
+    /// the job's outcome).
+    pub request_id: Option<String>,
 }
 
 impl From<job_rows::Model> for Job {
@@ -116,6 +120,7 @@ impl From<job_rows::Model> for Job {
             batch_size: row.batch_size,
             dead_lettered: row.dead_lettered,
             start_deadline: row.start_deadline,
+            request_id: row.request_id,
         }
     }
 }
@@ -208,6 +213,7 @@ impl JobsApi {
         auth: BearerAuth,
         #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
         #[oai(name = "Prefer")] prefer: Header<Option<String>>,
+        request_id: Data<&ReqId>,
         body: Json<SubmitJobRequest>,
     ) -> Result<SubmitJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
@@ -220,7 +226,11 @@ impl JobsApi {
             Some(url) => Some(job_webhook(&state, auth.0.user_id, &url, body.webhook_events).await?),
             None => None,
         };
-        let options = JobOptions { start_within: body.start_within_secs.map(Duration::from_secs), webhook };
+        let options = JobOptions {
+            start_within: body.start_within_secs.map(Duration::from_secs),
+            webhook,
+            request_id: Some(request_id.0.to_string()),
+        };
         state.workers.check_model(&request.model).await?;
         let owner = auth.0.user_id;
         match jobs::submit(&state.db, &state.inserter, &state.publisher, owner, request, key, options).await? {

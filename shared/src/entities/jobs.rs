@@ -37,6 +37,9 @@ pub struct Model {
     pub attempt_log: Json,
     /// Not started by then: failed with `deadline_exceeded`, never run.
     pub start_deadline: Option<DateTimeUtc>,
+    /// The `x-request-id` of the request that created the job; it travels in the job's
+    /// messages as their trace id.
+    pub request_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

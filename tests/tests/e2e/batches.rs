@@ -161,6 +161,22 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
     assert_eq!(replay.status(), StatusCode::OK);
     assert_eq!(replay.json::<Value>().await.unwrap()["id"], first["id"]);
     assert_eq!(send(format!("{good}\n{good}")).await.unwrap().status(), StatusCode::CONFLICT);
+
+    // The same items with a webhook are another request.
+    let send_json = |body: Value| {
+        app.client
+            .post(app.url("/v1/batches"))
+            .bearer_auth(&app.token)
+            .header("Idempotency-Key", "weekly-7")
+            .json(&body)
+            .send()
+    };
+    let items = json!([{"input": {"pixels": vec![0; 64]}}]);
+    let plain = json!({"model": "digits-cnn", "items": items});
+    assert_eq!(send_json(plain.clone()).await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(send_json(plain).await.unwrap().status(), StatusCode::OK);
+    let hooked = json!({"model": "digits-cnn", "items": items, "webhook": "http://127.0.0.1:9/spool"});
+    assert_eq!(send_json(hooked).await.unwrap().status(), StatusCode::CONFLICT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use spool_api::auth::Scope;
-use spool_tests::{AppOptions, StatusCode, spawn_app, spawn_app_with};
+use spool_tests::{AppOptions, StatusCode, TestApp, spawn_app, spawn_app_with, test_settings};
 use uuid::Uuid;
 
 fn digit_input() -> Value {
@@ -38,10 +38,17 @@ async fn an_idempotency_key_replays_the_same_body_and_refuses_another() {
     let replay: Value = replay.json().await.unwrap();
     assert_eq!(replay["id"], first["id"]);
 
-    let other = send(json!({"model": "digits-cnn", "input": {"pixels": vec![1; 64]}})).await.unwrap();
-    assert_eq!(other.status(), StatusCode::CONFLICT);
-    let problem: Value = other.json().await.unwrap();
-    assert_eq!(problem["code"], "idempotency_key_reused");
+    // Another input, or the same input with other options, is another request.
+    let mut with_webhook = body.clone();
+    with_webhook["webhook"] = json!("http://127.0.0.1:9/spool");
+    let mut with_deadline = body.clone();
+    with_deadline["start_within_secs"] = json!(60);
+    for other in [json!({"model": "digits-cnn", "input": {"pixels": vec![1; 64]}}), with_webhook, with_deadline] {
+        let response = send(other.clone()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CONFLICT, "{other}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "idempotency_key_reused");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,4 +339,48 @@ pub(crate) async fn raw_http(address: &str, bytes: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_keeps_the_request_id_that_submitted_it_and_its_message_carries_it() {
+    use lapin::options::BasicGetOptions;
+    use spool_shared::amqp::{JobEnvelope, Topology};
+    use secrecy::ExposeSecret;
+
+    let settings = test_settings().await;
+    let app = TestApp::start(settings.clone(), no_worker()).await;
+    let submit = |request_id: String| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(&app.token)
+            .header("x-request-id", request_id)
+            .json(&json!({"model": "digits-cnn", "input": digit_input()}))
+            .send()
+    };
+    // A plain id of the client's is kept.
+    let kept = submit("client-req.42".into()).await.unwrap();
+    assert_eq!(kept.headers()["x-request-id"], "client-req.42");
+    let kept: Value = kept.json().await.unwrap();
+    assert_eq!(kept["request_id"], "client-req.42");
+    // Any other is replaced by a fresh one, which the job keeps.
+    let replaced = submit("x".repeat(200)).await.unwrap();
+    let fresh = replaced.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(Uuid::parse_str(&fresh).is_ok(), "{fresh}");
+    let replaced: Value = replaced.json().await.unwrap();
+    assert_eq!(replaced["request_id"], fresh.as_str());
+    assert_eq!(app.get_json(&format!("/v1/jobs/{}", kept["id"].as_str().unwrap())).await["request_id"], "client-req.42");
+
+    // The workers' messages carry them as trace ids.
+    let connection = lapin::Connection::connect(settings.amqp_url.expose_secret(), Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = Topology::new(&settings).job_queue("digits-cnn");
+    let mut traces = std::collections::HashMap::new();
+    while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+        let envelope = JobEnvelope::from_bytes(&message.delivery.data).unwrap();
+        traces.insert(envelope.job_id.to_string(), envelope.trace_id);
+    }
+    assert_eq!(traces.len(), 2);
+    assert_eq!(traces[kept["id"].as_str().unwrap()].as_deref(), Some("client-req.42"));
+    assert_eq!(traces[replaced["id"].as_str().unwrap()].as_deref(), Some(fresh.as_str()));
+    connection.close(200, "done".into()).await.unwrap();
 }

@@ -84,6 +84,7 @@ async fn a_job_whose_worker_crashed_completes_exactly_once() {
         id,
         attempt: doomed_attempt,
         outcome: Outcome::Succeeded(json!({"label": 9, "probabilities": []})),
+        trace_id: None,
     };
     assert_eq!(store::complete(&app.db, &[stale], 1.0).await.unwrap(), 0);
     let job: Value = app.get_job(&id.to_string()).await.json().await.unwrap();
