@@ -1,7 +1,7 @@
 //! Operator actions on dead letters: list, requeue, purge. Every action is audit-logged
 //! (who, what, how many).
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement, TransactionTrait, Value};
 use serde_json::json;
 use spool_shared::amqp::JobEnvelope;
 use uuid::Uuid;
@@ -52,6 +52,7 @@ impl DeadLetterFilter {
 }
 
 /// A dead-lettered job as operators see it.
+#[derive(FromQueryResult)]
 pub struct DeadLetter {
     pub job_id: Uuid,
     pub owner_id: Uuid,
@@ -69,26 +70,13 @@ pub async fn list(db: &DatabaseConnection, filter: &DeadLetterFilter, limit: u64
     let (conditions, mut values) = filter.sql(1);
     values.push((limit as i64).into());
     let sql = format!(
-        "SELECT id, owner_id, model, left(input::text, 200) AS input_summary, attempts, error, attempt_log, completed_at \
+        "SELECT id AS job_id, owner_id, model, left(input::text, 200) AS input_summary, attempts, \
+                coalesce(error, 'null') AS error, attempt_log, completed_at AS failed_at \
            FROM jobs WHERE {conditions} ORDER BY completed_at DESC LIMIT ${}",
         values.len()
     );
-    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-    rows.into_iter()
-        .map(|row| {
-            Ok(DeadLetter {
-                job_id: row.try_get("", "id")?,
-                owner_id: row.try_get("", "owner_id")?,
-                model: row.try_get("", "model")?,
-                input_summary: row.try_get("", "input_summary")?,
-                attempts: row.try_get("", "attempts")?,
-                error: row.try_get::<Option<serde_json::Value>>("", "error")?.unwrap_or_default(),
-                attempt_log: row.try_get("", "attempt_log")?,
-                failed_at: row.try_get("", "completed_at")?,
-            })
-        })
-        .collect::<Result<_, sea_orm::DbErr>>()
-        .map_err(Into::into)
+    let statement = Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
+    Ok(DeadLetter::find_by_statement(statement).all(db).await?)
 }
 
 /// Which dead letters to requeue: exactly one of ids, a model, or all.
