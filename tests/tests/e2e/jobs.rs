@@ -344,8 +344,8 @@ pub(crate) async fn raw_http(address: &str, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_keeps_the_request_id_that_submitted_it_and_its_message_carries_it() {
     use lapin::options::BasicGetOptions;
-    use spool_shared::amqp::{JobEnvelope, Topology};
     use secrecy::ExposeSecret;
+    use spool_shared::amqp::{JobEnvelope, Topology};
 
     let settings = test_settings().await;
     let app = TestApp::start(settings.clone(), no_worker()).await;
@@ -368,7 +368,10 @@ async fn a_job_keeps_the_request_id_that_submitted_it_and_its_message_carries_it
     assert!(Uuid::parse_str(&fresh).is_ok(), "{fresh}");
     let replaced: Value = replaced.json().await.unwrap();
     assert_eq!(replaced["request_id"], fresh.as_str());
-    assert_eq!(app.get_json(&format!("/v1/jobs/{}", kept["id"].as_str().unwrap())).await["request_id"], "client-req.42");
+    assert_eq!(
+        app.get_json(&format!("/v1/jobs/{}", kept["id"].as_str().unwrap())).await["request_id"],
+        "client-req.42"
+    );
 
     // The workers' messages carry them as trace ids.
     let connection = lapin::Connection::connect(settings.amqp_url.expose_secret(), Default::default()).await.unwrap();
