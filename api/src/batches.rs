@@ -146,8 +146,6 @@ pub enum Submission {
     Replayed(Batch),
 }
 
-/// Commits the batch and all its jobs in one transaction, then publishes them.
-#[allow(clippy::too_many_arguments)] // the request's parts, each already checked
 /// What a batch may carry besides its items.
 #[derive(Debug, Default)]
 pub struct BatchOptions {
@@ -157,6 +155,7 @@ pub struct BatchOptions {
     pub request_id: Option<String>,
 }
 
+/// Commits the batch and all its jobs in one transaction, then publishes them.
 pub async fn submit(
     db: &DatabaseConnection,
     publisher: &Publisher,

@@ -208,11 +208,11 @@ fn endpoint(state: AppState) -> impl Endpoint {
                 .record(started.elapsed().as_secs_f64());
             Ok(response)
         })
-        .with(RequestId::default().reuse_id(ReuseId::Use))
+        .with(RequestId::with_header_name(REQUEST_ID).reuse_id(ReuseId::Use))
         .around(|endpoint, mut request| async move {
             // A client's own id is kept only when it is short and plain: it is logged and
             // stored with the jobs it submits. Otherwise `RequestId` makes a new one.
-            if !request.header(REQUEST_ID).is_none_or(is_plain_request_id) {
+            if request.header(REQUEST_ID).is_some_and(|id| !is_plain_request_id(id)) {
                 request.headers_mut().remove(REQUEST_ID);
             }
             Ok(endpoint.get_response(request).await)
