@@ -45,6 +45,10 @@ pub enum ApiError {
     InvalidInput(Vec<FieldError>),
     #[error("{0}")]
     InvalidRequest(String),
+    /// A query or path parameter out of its range (one that does not parse at all is
+    /// refused by poem-openapi with the same code).
+    #[error("{0}")]
+    InvalidParameter(String),
     #[error("model {0:?} does not exist")]
     ModelNotFound(String),
     #[error("job not found")]
@@ -137,6 +141,14 @@ impl From<sea_orm::DbErr> for ApiError {
     }
 }
 
+/// A stored secret that does not open is the server's fault (a missing key, a moved
+/// row), never the client's.
+impl From<spool_shared::sealing::SealError> for ApiError {
+    fn from(error: spool_shared::sealing::SealError) -> Self {
+        Self::Unexpected(anyhow::Error::new(error).context("webhook secret"))
+    }
+}
+
 /// Whether the database is unreachable or restarting (a 503 to retry), rather than the
 /// request having failed.
 pub(crate) fn is_outage(error: &sea_orm::DbErr) -> bool {
@@ -169,7 +181,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::JobNotFound => StatusCode::NOT_FOUND,
             Self::IdempotencyConflict | Self::NotCancelable(_) | Self::EmailTaken => StatusCode::CONFLICT,
             Self::Unauthorized(_) | Self::BadCredentials => StatusCode::UNAUTHORIZED,
@@ -188,6 +200,7 @@ impl ApiError {
         match self {
             Self::InvalidInput(_) => "invalid_input",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidParameter(_) => "invalid_parameter",
             Self::ModelNotFound(_) => "model_not_found",
             Self::JobNotFound => "job_not_found",
             Self::IdempotencyConflict => "idempotency_key_reused",
@@ -314,7 +327,10 @@ pub async fn problem_from_poem(error: poem::Error) -> Response {
         return ApiError::Unauthorized(AuthFailure::MissingToken).as_response_owned();
     } else if error.is::<poem_openapi::error::ParseRequestPayloadError>() || error.is::<poem::error::ParseJsonError>() {
         "invalid_body"
-    } else if error.is::<poem_openapi::error::ParseParamError>() {
+    } else if error.is::<poem_openapi::error::ParseParamError>()
+        || error.is::<poem_openapi::error::ParsePathError>()
+        || error.is::<poem::error::ParsePathError>()
+    {
         "invalid_parameter"
     } else if error.is::<poem_openapi::error::ContentTypeError>() {
         "unsupported_media_type"

@@ -31,6 +31,7 @@ use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response,
 use poem_openapi::OpenApiService;
 use secrecy::ExposeSecret;
 use spool_shared::manifest::Manifest;
+use spool_shared::sealing::SecretSealer;
 use spool_shared::{Settings, db};
 use tokio_util::sync::CancellationToken;
 
@@ -80,9 +81,11 @@ impl Application {
         let signer = TokenSigner::new(secret_key.expose_secret(), &settings.auth.issuer).context("auth.secret_key")?;
         let verifier =
             TokenVerifier::new(&settings.auth.public_keys, &settings.auth.issuer).context("auth.public_keys")?;
+        let sealer = SecretSealer::new(&settings.webhooks.sealing_keys).context("webhooks.sealing_keys")?;
         let mailer = Mailer::new(&settings).context("smtp_url")?;
         let db = db::connect(&settings).await.context("connecting to PostgreSQL")?;
         Migrator::up(&db, None).await.context("running migrations")?;
+        webhooks::seal_stored_secrets(&db, &sealer).await.context("sealing webhook secrets stored in clear")?;
         let redis = RedisHandle::new(
             redis::Client::open(settings.redis_url.expose_secret()).context("redis_url")?,
             &settings.redis_prefix,
@@ -123,6 +126,7 @@ impl Application {
             signer,
             mailer,
             workers: WorkerRegistry::new(redis_for_workers, settings.worker.model_breaker),
+            sealer,
             settings: Arc::new(settings),
         };
         Ok(Self { acceptor, port, state, shutdown })

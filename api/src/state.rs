@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
 use spool_shared::Settings;
+use spool_shared::sealing::SecretSealer;
 
 use crate::auth::TokenSigner;
 use crate::catalog::ModelCatalog;
@@ -29,5 +30,7 @@ pub struct AppState {
     pub signer: TokenSigner,
     pub mailer: Mailer,
     pub workers: WorkerRegistry,
+    /// Seals webhook signing secrets before they are stored.
+    pub sealer: SecretSealer,
     pub settings: Arc<Settings>,
 }

@@ -1,9 +1,11 @@
 //! Webhook rules: account subscriptions, their secrets and delivery logs, per-job webhook
 //! targets. Deliveries themselves are queued by a trigger on `jobs` and sent by the
-//! dispatcher (worker crate); here they are only listed and re-queued.
+//! dispatcher (worker crate); here they are only listed and re-queued. Secrets are stored
+//! sealed (`spool_shared::sealing`) and shown to their owner in clear only when made.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement};
+use spool_shared::sealing::{SecretOwner, SecretSealer};
 use spool_shared::ssrf::{TargetError, TargetPolicy};
 use spool_shared::webhooks::{DELIVERIES_CHANNEL, new_secret};
 use uuid::Uuid;
@@ -58,12 +60,15 @@ const SUBSCRIPTION_COLUMNS: &str = "id, url, events, description, disabled_at, d
 /// Creates a subscription; returns it with its signing secret (shown this once).
 pub async fn create(
     db: &DatabaseConnection,
+    sealer: &SecretSealer,
     owner_id: Uuid,
     url: String,
     events: Vec<String>,
     description: String,
 ) -> Result<(Subscription, String), ApiError> {
+    let id = Uuid::now_v7();
     let secret = new_secret();
+    let sealed = sealer.seal(&secret, SecretOwner::Subscription(id))?;
     let subscription = Subscription::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         format!(
@@ -73,12 +78,12 @@ pub async fn create(
                  RETURNING {SUBSCRIPTION_COLUMNS}"
         ),
         [
-            Uuid::now_v7().into(),
+            id.into(),
             owner_id.into(),
             url.into(),
             events.into(),
             description.into(),
-            secret.clone().into(),
+            sealed.into(),
             MAX_SUBSCRIPTIONS.into(),
         ],
     ))
@@ -127,15 +132,21 @@ pub async fn delete(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result
 
 /// A new secret; the old one keeps signing (alongside) for 24 hours so receivers can
 /// switch without missing a delivery.
-pub async fn rotate_secret(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<String, ApiError> {
+pub async fn rotate_secret(
+    db: &DatabaseConnection,
+    sealer: &SecretSealer,
+    owner_id: Uuid,
+    id: Uuid,
+) -> Result<String, ApiError> {
     let secret = new_secret();
+    let sealed = sealer.seal(&secret, SecretOwner::Subscription(id))?;
     let result = db
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "UPDATE webhook_subscriptions \
                 SET previous_secret = secret, previous_secret_expires_at = now() + interval '24 hours', secret = $3 \
               WHERE id = $1 AND owner_id = $2",
-            [id.into(), owner_id.into(), secret.clone().into()],
+            [id.into(), owner_id.into(), sealed.into()],
         ))
         .await?;
     if result.rows_affected() == 0 {
@@ -218,7 +229,9 @@ pub async fn redeliver(db: &DatabaseConnection, owner_id: Uuid, delivery_id: Uui
 }
 
 /// The account's secret for per-job webhooks, created on first use.
-pub async fn job_secret(db: &DatabaseConnection, owner_id: Uuid) -> Result<String, ApiError> {
+pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id: Uuid) -> Result<String, ApiError> {
+    let owner = SecretOwner::Account(owner_id);
+    let sealed = sealer.seal(&new_secret(), owner)?;
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -229,9 +242,47 @@ pub async fn job_secret(db: &DatabaseConnection, owner_id: Uuid) -> Result<Strin
              SELECT webhook_secret FROM created
              UNION ALL
              SELECT webhook_secret FROM users WHERE id = $1 AND webhook_secret IS NOT NULL",
-            [owner_id.into(), new_secret().into()],
+            [owner_id.into(), sealed.into()],
         ))
         .await?
         .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("the caller's account is missing")))?;
-    Ok(row.try_get("", "webhook_secret")?)
+    let stored: String = row.try_get("", "webhook_secret")?;
+    Ok(sealer.open(&stored, owner)?)
+}
+
+/// Seals the secrets stored in clear before sealing existed (run at start; a no-op once
+/// every secret is sealed). Each row is updated only if it still holds the value read.
+pub async fn seal_stored_secrets(db: &DatabaseConnection, sealer: &SecretSealer) -> Result<(), ApiError> {
+    let clear = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT 'subscription' AS kind, id, 'secret' AS field, secret AS value
+               FROM webhook_subscriptions WHERE starts_with(secret, 'whsec_')
+             UNION ALL
+             SELECT 'subscription', id, 'previous_secret', previous_secret
+               FROM webhook_subscriptions WHERE starts_with(previous_secret, 'whsec_')
+             UNION ALL
+             SELECT 'account', id, 'webhook_secret', webhook_secret FROM users WHERE starts_with(webhook_secret, 'whsec_')",
+        ))
+        .await?;
+    for row in &clear {
+        let (kind, id, field, value): (String, Uuid, String, String) =
+            (row.try_get("", "kind")?, row.try_get("", "id")?, row.try_get("", "field")?, row.try_get("", "value")?);
+        let (table, owner) = match kind.as_str() {
+            "account" => ("users", SecretOwner::Account(id)),
+            _ => ("webhook_subscriptions", SecretOwner::Subscription(id)),
+        };
+        let sealed = sealer.seal(&value, owner)?;
+        // `table` and `field` come from the literals above, never from input.
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("UPDATE {table} SET {field} = $3 WHERE id = $1 AND {field} = $2"),
+            [id.into(), value.into(), sealed.into()],
+        ))
+        .await?;
+    }
+    if !clear.is_empty() {
+        tracing::info!(secrets = clear.len(), "sealed webhook secrets that were stored in clear");
+    }
+    Ok(())
 }

@@ -309,6 +309,11 @@ pub struct WebhookSettings {
     pub destination_breaker: crate::breaker::BreakerSettings,
     /// Prometheus metrics of the dispatcher; `None` turns the endpoint off.
     pub metrics_bind: Option<String>,
+    /// Keys that seal webhook signing secrets in PostgreSQL, as PASERK `k4.local.…`
+    /// strings (`spoolctl keys generate` makes one). The first seals; all open, so a new
+    /// key goes first and the old one stays until every secret was sealed anew. The API
+    /// and the dispatcher need the same list. Never logged.
+    pub sealing_keys: Vec<SecretString>,
 }
 
 impl Default for WebhookSettings {
@@ -329,6 +334,7 @@ impl Default for WebhookSettings {
                 probes: 1,
             },
             metrics_bind: Some("127.0.0.1:9188".into()),
+            sealing_keys: Vec::new(),
         }
     }
 }

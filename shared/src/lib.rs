@@ -10,6 +10,7 @@ pub mod entities;
 pub mod job;
 pub mod manifest;
 pub mod retry;
+pub mod sealing;
 pub mod ssrf;
 pub mod telemetry;
 pub mod webhooks;

@@ -19,6 +19,7 @@ use spool_api::identity::accounts::{self, Email};
 use spool_api::identity::passwords::NewPassword;
 use spool_api::identity::tokens::{self, TokenLifetime};
 use spool_shared::Settings;
+use spool_shared::sealing::generate_sealing_key;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -102,6 +103,7 @@ pub async fn test_settings() -> Settings {
     let (secret, public) = auth::generate_key_pair().unwrap();
     settings.auth.public_keys = vec![public];
     settings.auth.secret_key = Some(SecretString::from(secret));
+    settings.webhooks.sealing_keys = vec![SecretString::from(generate_sealing_key().unwrap())];
     settings
 }
 

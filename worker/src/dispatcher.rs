@@ -14,12 +14,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use spool_shared::breaker::SharedBreaker;
 use spool_shared::config::WebhookSettings;
+use spool_shared::sealing::{SecretOwner, SecretSealer};
 use spool_shared::ssrf::{TargetPolicy, is_forbidden};
 use spool_shared::webhooks::{DELIVERIES_CHANNEL, signature};
 use tokio::sync::{Notify, Semaphore};
@@ -102,6 +104,7 @@ pub struct Dispatcher {
     http: reqwest::Client,
     settings: WebhookSettings,
     policy: TargetPolicy,
+    sealer: SecretSealer,
     overall: Arc<Semaphore>,
     per_host: Mutex<HashMap<String, (Arc<Semaphore>, SharedBreaker)>>,
 }
@@ -109,6 +112,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(db: DatabaseConnection, settings: WebhookSettings) -> anyhow::Result<Arc<Self>> {
         let policy = TargetPolicy::new(&settings.allowed_hosts);
+        let sealer = SecretSealer::new(&settings.sealing_keys).context("webhooks.sealing_keys")?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.request_timeout_ms))
             .connect_timeout(Duration::from_millis(settings.request_timeout_ms.min(5_000)))
@@ -117,7 +121,7 @@ impl Dispatcher {
             .user_agent(concat!("Spool-Webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let overall = Arc::new(Semaphore::new(settings.concurrency.max(1)));
-        Ok(Arc::new(Self { db, http, settings, policy, overall, per_host: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Self { db, http, settings, policy, sealer, overall, per_host: Mutex::new(HashMap::new()) }))
     }
 
     /// Delivers until shutdown, then lets the deliveries in flight finish.
@@ -175,7 +179,7 @@ impl Dispatcher {
                                       AND (locked_until IS NULL OR locked_until < now())
                                     ORDER BY next_attempt_at LIMIT $1
                                       FOR UPDATE SKIP LOCKED)
-                RETURNING d.id, d.url, d.payload::text AS body, d.attempts, d.subscription_id,
+                RETURNING d.id, d.url, d.payload::text AS body, d.attempts, d.subscription_id, d.owner_id,
                           CASE WHEN d.subscription_id IS NULL
                                THEN (SELECT array_remove(ARRAY[u.webhook_secret], NULL)
                                        FROM users u WHERE u.id = d.owner_id)
@@ -189,14 +193,36 @@ impl Dispatcher {
             .await?;
         rows.into_iter()
             .map(|row| {
+                let id = row.try_get("", "id")?;
+                let subscription_id: Option<Uuid> = row.try_get("", "subscription_id")?;
+                let owner = match subscription_id {
+                    Some(subscription) => SecretOwner::Subscription(subscription),
+                    None => SecretOwner::Account(row.try_get("", "owner_id")?),
+                };
+                let sealed = row.try_get::<Option<Vec<String>>>("", "secrets")?.unwrap_or_default();
                 Ok(Due {
-                    id: row.try_get("", "id")?,
+                    id,
                     url: row.try_get("", "url")?,
                     body: row.try_get("", "body")?,
                     attempts: row.try_get("", "attempts")?,
-                    subscription_id: row.try_get("", "subscription_id")?,
-                    secrets: row.try_get::<Option<Vec<String>>>("", "secrets")?.unwrap_or_default(),
+                    subscription_id,
+                    secrets: self.open_secrets(id, &sealed, owner),
                 })
+            })
+            .collect()
+    }
+
+    /// The secrets that open; one that does not is logged and left out (with none left,
+    /// the delivery fails as unsigned rather than going out unsigned).
+    fn open_secrets(&self, delivery_id: Uuid, sealed: &[String], owner: SecretOwner) -> Vec<String> {
+        sealed
+            .iter()
+            .filter_map(|stored| match self.sealer.open(stored, owner) {
+                Ok(secret) => Some(secret),
+                Err(error) => {
+                    tracing::error!(%delivery_id, ?owner, %error, "cannot open a webhook secret");
+                    None
+                }
             })
             .collect()
     }

@@ -159,7 +159,7 @@ impl AdminApi {
         auth.0.require_operator()?;
         let limit = limit.0.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
-            return Err(ApiError::InvalidRequest("limit must be between 1 and 1000".into()));
+            return Err(ApiError::InvalidParameter("limit must be between 1 and 1000".into()));
         }
         let filter =
             DeadLetterFilter { job_id: None, model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
@@ -174,10 +174,11 @@ impl AdminApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        job_id: Path<Uuid>,
+        job_id: Path<String>,
     ) -> Result<GetDeadLetterResponse, ApiError> {
         auth.0.require_operator()?;
-        let filter = DeadLetterFilter { job_id: Some(job_id.0), ..Default::default() };
+        let job_id = Uuid::parse_str(&job_id.0).map_err(|_| ApiError::JobNotFound)?;
+        let filter = DeadLetterFilter { job_id: Some(job_id), ..Default::default() };
         let letter = admin::list(&state.db, &filter, 1).await?.into_iter().next().ok_or(ApiError::JobNotFound)?;
         Ok(GetDeadLetterResponse::Ok(Json(letter.into())))
     }

@@ -161,13 +161,13 @@ impl AuthApi {
         })))
     }
 
-    /// Ask for a password reset mail (always 202)
+    /// Ask for a password reset mail (202 whether or not the account exists)
     #[oai(path = "/password/forgot", method = "post", operation_id = "forgot_password")]
     async fn forgot(&self, state: Data<&AppState>, body: Json<EmailBody>) -> Result<AcceptedResponse, ApiError> {
-        // A malformed address cannot have an account: same answer, nothing to do.
-        if let Ok(email) = Email::parse(&body.0.email) {
-            accounts::forgot_password(&state, &email).await?;
-        }
+        // A malformed address is refused, as everywhere: saying so reveals no account,
+        // and a typo would otherwise wait for a mail that never comes.
+        let email = Email::parse(&body.0.email)?;
+        accounts::forgot_password(&state, &email).await?;
         Ok(AcceptedResponse::Accepted)
     }
 

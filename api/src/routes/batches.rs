@@ -185,11 +185,11 @@ impl BatchesApi {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
         if !(1..=100).contains(&limit) {
-            return Err(ApiError::InvalidRequest("limit must be between 1 and 100".into()));
+            return Err(ApiError::InvalidParameter("limit must be between 1 and 100".into()));
         }
         let after = cursor
             .0
-            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidRequest("invalid cursor".into())))
+            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("invalid cursor".into())))
             .transpose()?;
         let mut rows = batches::list(&state.db, auth.0.user_id, limit + 1, after).await?;
         let next_cursor = if rows.len() as u64 > limit {

@@ -194,7 +194,7 @@ pub(crate) async fn job_webhook(
     let url = webhooks::check_url(&policy, url, "/webhook").await?;
     let events =
         webhooks::check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
-    webhooks::job_secret(&state.db, owner).await?;
+    webhooks::job_secret(&state.db, &state.sealer, owner).await?;
     Ok(JobWebhook { url, events })
 }
 
@@ -292,14 +292,14 @@ impl JobsApi {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
         if limit == 0 || limit > state.settings.api.max_page_size {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(ApiError::InvalidParameter(format!(
                 "limit must be between 1 and {}",
                 state.settings.api.max_page_size
             )));
         }
         let after = cursor
             .0
-            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidRequest("cursor is not valid".into())))
+            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("cursor is not valid".into())))
             .transpose()?;
         let query = ListQuery { status: status.0.map(Into::into), model: model.0, after, limit };
         let page = jobs::list(&state.db, auth.0.user_id, query).await?;

@@ -183,7 +183,8 @@ impl WebhooksApi {
         let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
         let events = webhooks::check_events(&body.0.events, SUBSCRIPTION_EVENTS, "/events")?;
         let url = webhooks::check_url(&policy, &body.0.url, "/url").await?;
-        let (webhook, secret) = webhooks::create(&state.db, auth.0.user_id, url, events, body.0.description).await?;
+        let (webhook, secret) =
+            webhooks::create(&state.db, &state.sealer, auth.0.user_id, url, events, body.0.description).await?;
         Ok(CreateWebhookResponse::Created(Json(CreatedWebhook { webhook: webhook.into(), secret })))
     }
 
@@ -243,7 +244,7 @@ impl WebhooksApi {
         id: Path<String>,
     ) -> Result<SecretResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        let secret = webhooks::rotate_secret(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let secret = webhooks::rotate_secret(&state.db, &state.sealer, auth.0.user_id, parse_id(&id.0)?).await?;
         Ok(SecretResponse::Ok(Json(Secret { secret })))
     }
 
@@ -260,7 +261,7 @@ impl WebhooksApi {
         auth.0.require_api(Scope::Webhooks)?;
         let limit = limit.0.unwrap_or(100);
         if !(1..=500).contains(&limit) {
-            return Err(ApiError::InvalidRequest("limit must be between 1 and 500".into()));
+            return Err(ApiError::InvalidParameter("limit must be between 1 and 500".into()));
         }
         let rows = webhooks::deliveries(&state.db, auth.0.user_id, parse_id(&id.0)?, limit).await?;
         Ok(DeliveryListResponse::Ok(Json(DeliveryList { data: rows.into_iter().map(Into::into).collect() })))
@@ -284,7 +285,7 @@ impl WebhooksApi {
     #[oai(path = "/job-secret", method = "get", operation_id = "get_job_webhook_secret")]
     async fn job_secret(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<SecretResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
-        let secret = webhooks::job_secret(&state.db, auth.0.user_id).await?;
+        let secret = webhooks::job_secret(&state.db, &state.sealer, auth.0.user_id).await?;
         Ok(SecretResponse::Ok(Json(Secret { secret })))
     }
 }

@@ -651,6 +651,7 @@ async fn drill(config: Arc<Config>) -> Result<bool> {
         ("SPOOL_RATE_LIMIT__USER__BURST", "100000".into()),
         ("SPOOL_AUTH__PUBLIC_KEYS", format!("[\"{public}\"]")),
         ("SPOOL_AUTH__SECRET_KEY", secret.clone()),
+        ("SPOOL_WEBHOOKS__SEALING_KEYS", format!("[\"{}\"]", spool_shared::sealing::generate_sealing_key()?)),
         ("SPOOL_MODELS_DIR", config.models_dir.display().to_string()),
         ("SPOOL_CONFIG", "/nonexistent/spool.toml".into()),
     ]

@@ -217,6 +217,8 @@ async fn a_password_reset_signs_out_every_session_without_revealing_accounts() {
     let nobody = new_email();
     let unknown = post(&app, "/v1/auth/password/forgot", None, json!({"email": nobody})).await;
     assert_eq!(unknown.status(), StatusCode::ACCEPTED);
+    let typo = post(&app, "/v1/auth/password/forgot", None, json!({"email": "reader@"})).await;
+    assert_eq!(problem(typo).await, (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input".into()));
     let known = post(&app, "/v1/auth/password/forgot", None, json!({"email": email})).await;
     assert_eq!(known.status(), StatusCode::ACCEPTED);
     let mail = wait_for_mail(&email, 1).await; // the second mail: after the verification one

@@ -6,6 +6,7 @@ mod auth;
 mod batches;
 mod cli;
 mod failures;
+mod hostile;
 mod http;
 mod inference;
 mod jobs;

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use spool_api::auth::Scope;
 use spool_tests::receiver::{Receiver, verify_with_standard_webhooks};
@@ -121,6 +122,69 @@ async fn a_rotated_secret_and_the_previous_one_both_verify_for_a_day() {
     assert_eq!(received[0].json()["type"], "webhook.test");
     verify_with_standard_webhooks(new, &received[0]).expect("new secret verifies");
     verify_with_standard_webhooks(&old, &received[0]).expect("old secret still verifies");
+}
+
+/// The stored form of a subscription's secret.
+async fn stored_secret(app: &TestApp, subscription: &str) -> String {
+    let row = app
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT secret FROM webhook_subscriptions WHERE id = $1::uuid",
+            [subscription.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get("", "secret").unwrap()
+}
+
+async fn set_stored_secret(app: &TestApp, subscription: &str, stored: &str) {
+    app.db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE webhook_subscriptions SET secret = $2 WHERE id = $1::uuid",
+            [subscription.into(), stored.into()],
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_sealed_at_rest_bound_to_their_row_and_old_clear_ones_sealed_at_start() {
+    let (mut app, token) = app_with_dispatcher(false).await;
+    let receiver = Receiver::start().await;
+    let (first, secret) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    let sealed = stored_secret(&app, &first).await;
+    assert!(sealed.starts_with("v4.local."), "{sealed}");
+    assert!(!sealed.contains(secret.trim_start_matches("whsec_")));
+
+    // A secret stored in clear (before sealing existed) still signs, and the API seals
+    // it when it starts.
+    let (second, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    let clear = spool_shared::webhooks::new_secret();
+    set_stored_secret(&app, &second, &clear).await;
+    app.restart_api(app.settings.clone()).await;
+    let resealed = stored_secret(&app, &second).await;
+    assert!(resealed.starts_with("v4.local."), "{resealed}");
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
+    let received = receiver.wait_for(1, Duration::from_secs(10)).await;
+    verify_with_standard_webhooks(&clear, &received[0]).expect("the secret sealed at start signs");
+
+    // A sealed secret copied into another row does not open there: nothing goes out
+    // unsigned or signed with the wrong secret.
+    set_stored_secret(&app, &second, &sealed).await;
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
+    let mut log = Vec::new();
+    for _ in 0..50 {
+        log = deliveries(&app, &token, &second).await;
+        if log[0]["last_error"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(log[0]["last_error"], "no signing secret", "{}", log[0]);
+    assert_eq!(receiver.received().len(), 1, "nothing more was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

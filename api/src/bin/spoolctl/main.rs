@@ -57,7 +57,7 @@ enum Command {
         #[command(subcommand)]
         command: batch::BatchCommand,
     },
-    /// Signing keys.
+    /// Token signing and webhook sealing keys.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -81,7 +81,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print a new PASETO v4 key pair as a TOML `[auth]` section.
+    /// Print a new PASETO v4 key pair and a webhook sealing key, as TOML `[auth]` and
+    /// `[webhooks]` sections.
     Generate,
 }
 
@@ -155,7 +156,9 @@ fn main() -> ExitCode {
 
 fn generate_keys() -> anyhow::Result<()> {
     let (secret, public) = auth::generate_key_pair()?;
+    let sealing = spool_shared::sealing::generate_sealing_key()?;
     println!("[auth]\npublic_keys = [\"{public}\"]\nsecret_key = \"{secret}\"");
+    println!("\n[webhooks]\nsealing_keys = [\"{sealing}\"]");
     Ok(())
 }
 
