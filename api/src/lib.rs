@@ -85,7 +85,7 @@ impl Application {
         let mailer = Mailer::new(&settings).context("smtp_url")?;
         let db = db::connect(&settings).await.context("connecting to PostgreSQL")?;
         Migrator::up(&db, None).await.context("running migrations")?;
-        webhooks::seal_stored_secrets(&db, &sealer).await.context("sealing webhook secrets stored in clear")?;
+        webhooks::reseal_stored_secrets(&db, &sealer).await.context("sealing webhook secrets anew")?;
         let redis = RedisHandle::new(
             redis::Client::open(settings.redis_url.expose_secret()).context("redis_url")?,
             &settings.redis_prefix,

@@ -250,39 +250,51 @@ pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id
     Ok(sealer.open(&stored, owner)?)
 }
 
-/// Seals the secrets stored in clear before sealing existed (run at start; a no-op once
-/// every secret is sealed). Each row is updated only if it still holds the value read.
-pub async fn seal_stored_secrets(db: &DatabaseConnection, sealer: &SecretSealer) -> Result<(), ApiError> {
-    let clear = db
-        .query_all_raw(Statement::from_string(
+/// Seals anew every secret stored in clear (from before sealing existed) or sealed with a
+/// key that is no longer the first of `webhooks.sealing_keys`; run at start, so a sealing
+/// key rotates by putting the new one first and restarting. Each row is updated only if it
+/// still holds the value read.
+pub async fn reseal_stored_secrets(db: &DatabaseConnection, sealer: &SecretSealer) -> Result<(), ApiError> {
+    let suffix = sealer.current_suffix();
+    let stale = db
+        .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT 'subscription' AS kind, id, 'secret' AS field, secret AS value
-               FROM webhook_subscriptions WHERE starts_with(secret, 'whsec_')
+            "SELECT 'secret' AS kind, id, secret AS value
+               FROM webhook_subscriptions WHERE right(secret, $2) <> $1
              UNION ALL
-             SELECT 'subscription', id, 'previous_secret', previous_secret
-               FROM webhook_subscriptions WHERE starts_with(previous_secret, 'whsec_')
+             SELECT 'previous_secret', id, previous_secret
+               FROM webhook_subscriptions WHERE right(previous_secret, $2) <> $1
              UNION ALL
-             SELECT 'account', id, 'webhook_secret', webhook_secret FROM users WHERE starts_with(webhook_secret, 'whsec_')",
+             SELECT 'account', id, webhook_secret FROM users WHERE right(webhook_secret, $2) <> $1",
+            [suffix.clone().into(), (suffix.len() as i32).into()],
         ))
         .await?;
-    for row in &clear {
-        let (kind, id, field, value): (String, Uuid, String, String) =
-            (row.try_get("", "kind")?, row.try_get("", "id")?, row.try_get("", "field")?, row.try_get("", "value")?);
-        let (table, owner) = match kind.as_str() {
-            "account" => ("users", SecretOwner::Account(id)),
-            _ => ("webhook_subscriptions", SecretOwner::Subscription(id)),
+    let mut resealed = 0;
+    for row in &stale {
+        let (kind, id, value): (String, Uuid, String) =
+            (row.try_get("", "kind")?, row.try_get("", "id")?, row.try_get("", "value")?);
+        let (table, column, owner) = match kind.as_str() {
+            "account" => ("users", "webhook_secret", SecretOwner::Account(id)),
+            "previous_secret" => ("webhook_subscriptions", "previous_secret", SecretOwner::Subscription(id)),
+            _ => ("webhook_subscriptions", "secret", SecretOwner::Subscription(id)),
         };
-        let sealed = sealer.seal(&value, owner)?;
-        // `table` and `field` come from the literals above, never from input.
+        let secret = match sealer.open(&value, owner) {
+            Ok(secret) => secret,
+            Err(error) => {
+                tracing::error!(%id, column, %error, "cannot reseal a webhook secret; it stays as it is");
+                continue;
+            }
+        };
         db.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            format!("UPDATE {table} SET {field} = $3 WHERE id = $1 AND {field} = $2"),
-            [id.into(), value.into(), sealed.into()],
+            format!("UPDATE {table} SET {column} = $3 WHERE id = $1 AND {column} = $2"),
+            [id.into(), value.into(), sealer.seal(&secret, owner)?.into()],
         ))
         .await?;
+        resealed += 1;
     }
-    if !clear.is_empty() {
-        tracing::info!(secrets = clear.len(), "sealed webhook secrets that were stored in clear");
+    if resealed > 0 {
+        tracing::info!(secrets = resealed, "sealed webhook secrets stored in clear or under an older key");
     }
     Ok(())
 }

@@ -310,9 +310,10 @@ pub struct WebhookSettings {
     /// Prometheus metrics of the dispatcher; `None` turns the endpoint off.
     pub metrics_bind: Option<String>,
     /// Keys that seal webhook signing secrets in PostgreSQL, as PASERK `k4.local.…`
-    /// strings (`spoolctl keys generate` makes one). The first seals; all open, so a new
-    /// key goes first and the old one stays until every secret was sealed anew. The API
-    /// and the dispatcher need the same list. Never logged.
+    /// strings (`spoolctl keys generate` makes one). The first seals; all open. To rotate,
+    /// put the new key first: the API seals every stored secret anew with it at start,
+    /// after which the old key can go. The API and the dispatcher need the same list.
+    /// Never logged.
     pub sealing_keys: Vec<SecretString>,
 }
 

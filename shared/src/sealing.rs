@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use pasetors::Local;
 use pasetors::keys::{Generate, SymmetricKey};
 use pasetors::paserk::{FormatAsPaserk, Id};
@@ -84,6 +86,12 @@ impl SecretSealer {
         .map_err(SealError::Crypto)
     }
 
+    /// How every value sealed with the current sealing key ends (its footer, the key id);
+    /// a stored value that ends otherwise is in clear or sealed with an older key.
+    pub fn current_suffix(&self) -> String {
+        format!(".{}", URL_SAFE_NO_PAD.encode(&self.sealing_id))
+    }
+
     /// The secret behind a stored value. A `whsec_` value stored before sealing existed is
     /// returned as it is (the API seals those at start).
     pub fn open(&self, stored: &str, owner: SecretOwner) -> Result<String, SealError> {
@@ -137,6 +145,8 @@ mod tests {
         assert_eq!(rotated.open(&sealed, owner).unwrap(), "whsec_c2VjcmV0");
         let resealed = rotated.seal("whsec_x", owner).unwrap();
         assert_eq!(sealer(&[&new]).open(&resealed, owner).unwrap(), "whsec_x");
+        assert!(resealed.ends_with(&rotated.current_suffix()));
+        assert!(!sealed.ends_with(&rotated.current_suffix()));
 
         assert!(matches!(sealer(&[&new]).open(&sealed, owner), Err(SealError::UnknownKey)));
         let elsewhere = SecretOwner::Subscription(Uuid::now_v7());

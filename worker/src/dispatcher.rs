@@ -212,8 +212,8 @@ impl Dispatcher {
             .collect()
     }
 
-    /// The secrets that open; one that does not is logged and left out (with none left,
-    /// the delivery fails as unsigned rather than going out unsigned).
+    /// The secrets that open; one that does not is logged and left out. With none left the
+    /// delivery is not sent: it retries, logged as `no signing secret`, and ends failed.
     fn open_secrets(&self, delivery_id: Uuid, sealed: &[String], owner: SecretOwner) -> Vec<String> {
         sealed
             .iter()

@@ -5,8 +5,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use spool_api::auth::Scope;
+use spool_shared::sealing::generate_sealing_key;
 use spool_tests::receiver::{Receiver, verify_with_standard_webhooks};
 use spool_tests::{AppOptions, StatusCode, TestApp, test_settings};
 
@@ -151,7 +153,7 @@ async fn set_stored_secret(app: &TestApp, subscription: &str, stored: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secrets_are_sealed_at_rest_bound_to_their_row_and_old_clear_ones_sealed_at_start() {
+async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_when_stale() {
     let (mut app, token) = app_with_dispatcher(false).await;
     let receiver = Receiver::start().await;
     let (first, secret) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
@@ -171,6 +173,20 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_old_clear_ones_sealed
     let received = receiver.wait_for(1, Duration::from_secs(10)).await;
     verify_with_standard_webhooks(&clear, &received[0]).expect("the secret sealed at start signs");
 
+    // A new sealing key goes first: at start the API seals every secret anew with it, and
+    // the dispatcher, given the same keys, still signs with the same secrets.
+    let mut rotated = app.settings.clone();
+    rotated.webhooks.sealing_keys.insert(0, SecretString::from(generate_sealing_key().unwrap()));
+    app.settings = rotated.clone();
+    app.restart_api(rotated).await;
+    app.kill_dispatcher().await;
+    app.start_dispatcher().await;
+    let resealed = stored_secret(&app, &first).await;
+    assert!(resealed.starts_with("v4.local.") && resealed != sealed, "{resealed}");
+    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{first}/test"), None).await;
+    let received = receiver.wait_for(2, Duration::from_secs(10)).await;
+    verify_with_standard_webhooks(&secret, &received[1]).expect("the secret sealed with the new key signs");
+
     // A sealed secret copied into another row does not open there: nothing goes out
     // unsigned or signed with the wrong secret.
     set_stored_secret(&app, &second, &sealed).await;
@@ -184,7 +200,7 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_old_clear_ones_sealed
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(log[0]["last_error"], "no signing secret", "{}", log[0]);
-    assert_eq!(receiver.received().len(), 1, "nothing more was sent");
+    assert_eq!(receiver.received().len(), 2, "nothing more was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
