@@ -10,5 +10,6 @@ mod hostile;
 mod http;
 mod inference;
 mod jobs;
+mod ownership;
 mod reliability;
 mod webhooks;
