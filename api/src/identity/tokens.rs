@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ColumnTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter, QueryOrder, Statement};
+use sea_orm::{DatabaseConnection, DbBackend, EntityTrait, Statement};
 use spool_shared::entities::api_tokens;
 use uuid::Uuid;
 
@@ -98,6 +98,15 @@ pub async fn create(
     issue(&state.db, &state.signer, principal.user_id, name, lifetime, &scopes).await
 }
 
+/// Most tokens an account may hold that are neither revoked nor expired.
+const MAX_LIVE_TOKENS: i64 = 100;
+
+/// Most tokens `GET /v1/tokens` lists: every live one and the newest of the others.
+const LISTED: i64 = 200;
+
+/// SQL: the token is neither revoked nor expired.
+const LIVE: &str = "(revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now()))";
+
 /// Writes the row and signs the token (also used by `spoolctl`).
 pub async fn issue(
     db: &DatabaseConnection,
@@ -119,21 +128,41 @@ pub async fn issue(
     let row = api_tokens::Entity::find()
         .from_raw_sql(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO api_tokens (id, user_id, name, scopes, expires_at) VALUES ($1, $2, $3, $4, $5) RETURNING *",
-            [id.into(), user_id.into(), name.into(), scope_names.into(), expiry(lifetime.0).into()],
+            format!(
+                "INSERT INTO api_tokens (id, user_id, name, scopes, expires_at)
+                 SELECT $1, $2, $3, $4, $5
+                  WHERE (SELECT count(*) FROM api_tokens WHERE user_id = $2 AND {LIVE}) < $6
+                 RETURNING *"
+            ),
+            [
+                id.into(),
+                user_id.into(),
+                name.into(),
+                scope_names.into(),
+                expiry(lifetime.0).into(),
+                MAX_LIVE_TOKENS.into(),
+            ],
         ))
         .one(db)
         .await?
-        .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("insert returned no row")))?;
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "an account may have at most {MAX_LIVE_TOKENS} live API tokens: revoke one it no longer needs"
+            ))
+        })?;
     let grant = TokenGrant { user_id, kind: TokenKind::Api, token_id: id, scopes, ttl: lifetime.0 };
     let token = signer.sign(&grant).map_err(|e| ApiError::Unexpected(e.into()))?;
     Ok(IssuedToken { row, token })
 }
 
+/// The live tokens first, then the newest revoked or expired ones; `LISTED` at most.
 pub async fn list(db: &DatabaseConnection, user_id: Uuid) -> Result<Vec<api_tokens::Model>, ApiError> {
     Ok(api_tokens::Entity::find()
-        .filter(api_tokens::Column::UserId.eq(user_id))
-        .order_by_desc(api_tokens::Column::CreatedAt)
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("SELECT * FROM api_tokens WHERE user_id = $1 ORDER BY {LIVE} DESC, created_at DESC LIMIT $2"),
+            [user_id.into(), LISTED.into()],
+        ))
         .all(db)
         .await?)
 }

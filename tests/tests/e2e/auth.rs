@@ -317,6 +317,42 @@ async fn another_users_token_cannot_be_seen_or_revoked() {
     assert_eq!(get(&app, "/v1/jobs", &victim_token).await.status(), StatusCode::OK);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_holds_at_most_100_live_tokens_and_revoking_one_frees_a_place() {
+    let app = spawn_app_with(no_worker()).await;
+    // The harness token of the test user is the first; 99 more fill the account.
+    for _ in 0..99 {
+        app.api_token(app.user_id, &[Scope::JobsRead], Duration::from_secs(3600)).await;
+    }
+    let grant = TokenGrant {
+        user_id: app.user_id,
+        kind: TokenKind::Session,
+        token_id: Uuid::now_v7(),
+        scopes: &[],
+        ttl: Some(Duration::from_secs(600)),
+    };
+    let session = app.signer().sign(&grant).unwrap();
+    let request = json!({"name": "one-too-many", "expires_in": "1d", "scopes": ["jobs:read"]});
+    let refused = post(&app, "/v1/tokens", Some(&session), request.clone()).await;
+    assert_eq!(problem(refused).await, (StatusCode::BAD_REQUEST, "invalid_request".into()));
+
+    let listed: Value = get(&app, "/v1/tokens", &session).await.json().await.unwrap();
+    let tokens = listed["data"].as_array().unwrap();
+    assert_eq!(tokens.len(), 100);
+    let id = tokens[0]["id"].as_str().unwrap();
+    let revoked = app.client.delete(app.url(&format!("/v1/tokens/{id}"))).bearer_auth(&session).send().await.unwrap();
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    let created = post(&app, "/v1/tokens", Some(&session), request).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    // Live tokens are listed first, the revoked one after them.
+    let listed: Value = get(&app, "/v1/tokens", &session).await.json().await.unwrap();
+    let tokens = listed["data"].as_array().unwrap();
+    assert_eq!(tokens.len(), 101);
+    assert_eq!(tokens[0]["name"], "one-too-many");
+    assert_eq!(tokens[100]["id"], id);
+}
+
 /// A private Redis for one test, so stopping it disturbs no other test.
 async fn start_redis(port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new("redis-server")
