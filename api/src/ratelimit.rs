@@ -6,10 +6,12 @@
 //! limiting for a while is better than refusing every client.
 
 use spool_shared::config::Quota;
+use uuid::Uuid;
 
+use crate::error::ApiError;
 use crate::redis_handle::RedisHandle;
 
-/// KEYS[1]: the bucket. ARGV: emission interval (µs), burst.
+/// KEYS[1]: the bucket. ARGV: emission interval (µs), burst, cost (cells taken).
 /// Returns {allowed (0/1), remaining, reset_us, retry_after_us}. Uses the server's
 /// clock, so instances with skewed clocks still agree.
 const GCRA: &str = r#"
@@ -17,10 +19,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local limit_window = interval * burst
-local new_tat = tat + interval
+local new_tat = tat + interval * cost
 if new_tat - now > limit_window then
   local retry_after = new_tat - now - limit_window
   return {0, 0, tat - now, retry_after}
@@ -56,10 +59,29 @@ impl RateLimiter {
     /// Takes one request from `bucket`'s quota. `None` when Redis is unreachable
     /// (fail open).
     pub async fn check(&self, bucket: &str, quota: Quota) -> Option<Decision> {
+        self.take(bucket, quota, 1).await
+    }
+
+    /// Takes `count` jobs submitted in batches from the account's quota
+    /// (`rate_limit.batch_jobs`): a 429 when the account has used it up. Fails open.
+    pub async fn admit_batch_jobs(&self, user_id: Uuid, count: usize, quota: Quota) -> Result<(), ApiError> {
+        // A batch larger than the burst could never pass: it takes the whole burst.
+        let cost = u32::try_from(count).unwrap_or(u32::MAX).clamp(1, quota.burst.max(1));
+        match self.take(&format!("batch-jobs:{user_id}"), quota, cost).await {
+            Some(decision) if !decision.allowed => {
+                metrics::counter!("spool_ratelimit_rejected_total").increment(1);
+                Err(ApiError::RateLimited { retry_after_secs: decision.retry_after_secs })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn take(&self, bucket: &str, quota: Quota, cost: u32) -> Option<Decision> {
         let per_minute = quota.per_minute.max(1) as i64;
         let interval_us = 60_000_000 / per_minute;
         let key = self.redis.key(&format!("ratelimit:{bucket}"));
-        match self.redis.invoke::<Vec<i64>>(&self.script, &[&key], &[interval_us, quota.burst.max(1) as i64]).await {
+        let args = [interval_us, quota.burst.max(1) as i64, i64::from(cost)];
+        match self.redis.invoke::<Vec<i64>>(&self.script, &[&key], &args).await {
             Ok(reply) if reply.len() == 4 => Some(Decision {
                 allowed: reply[0] == 1,
                 limit: quota.burst.max(1),

@@ -199,6 +199,10 @@ pub struct RateLimitSettings {
     pub operator: Quota,
     /// Per client IP on the unauthenticated `/v1/auth/*` endpoints.
     pub auth_per_ip: Quota,
+    /// Jobs an account may submit in batches (each item counts): a batch is one request
+    /// to the quotas above, but up to `api.max_batch_items` jobs of work. A batch larger
+    /// than `burst` takes the whole burst.
+    pub batch_jobs: Quota,
 }
 
 impl Default for RateLimitSettings {
@@ -207,6 +211,7 @@ impl Default for RateLimitSettings {
             user: Quota { per_minute: 6_000, burst: 200 },
             operator: Quota { per_minute: 30_000, burst: 1_000 },
             auth_per_ip: Quota { per_minute: 30, burst: 10 },
+            batch_jobs: Quota { per_minute: 120_000, burst: 50_000 },
         }
     }
 }

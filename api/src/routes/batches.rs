@@ -162,6 +162,7 @@ impl BatchesApi {
             None => None,
         };
         state.workers.check_model(&model).await?;
+        state.limiter.admit_batch_jobs(auth.0.user_id, items.len(), state.settings.rate_limit.batch_jobs).await?;
         let options = BatchOptions { webhook, request_id: Some(request_id.0.to_string()) };
         match batches::submit(&state.db, &state.publisher, auth.0.user_id, &model, items, key, options).await? {
             Submission::Created(batch) => {

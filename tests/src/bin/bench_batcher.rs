@@ -25,6 +25,7 @@ async fn run(max_batch_size: Option<usize>, clients: usize, seconds: u64) -> (f6
     let mut settings = test_settings().await;
     settings.worker.max_batch_size = max_batch_size;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    settings.rate_limit.batch_jobs = settings.rate_limit.user;
     let mut app = Arc::new(
         TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await,
     );

@@ -44,6 +44,7 @@ async fn main() {
     let items = env_or("BENCH_ITEMS", 10_000);
     let mut settings = test_settings().await;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    settings.rate_limit.batch_jobs = settings.rate_limit.user;
     let mut app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
     let heldout = model_file("digits-cnn/heldout.json");
     let samples = heldout["samples"].as_array().unwrap().clone();

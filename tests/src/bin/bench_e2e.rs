@@ -60,6 +60,7 @@ async fn server_side(app: &TestApp) -> [Vec<f64>; 3] {
 async fn scenario(model: &'static str, rate: Option<u64>, jobs: usize) {
     let mut settings = test_settings().await;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    settings.rate_limit.batch_jobs = settings.rate_limit.user;
     let app = Arc::new(TestApp::start(settings, AppOptions { worker_models: vec![model], ..Default::default() }).await);
     one(&app, model, 0).await; // warm
     app.db.execute_unprepared("DELETE FROM jobs").await.unwrap();

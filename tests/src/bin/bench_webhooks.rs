@@ -63,6 +63,7 @@ async fn main() {
     settings.worker.max_batch_delay_ms = Some(2);
     settings.webhooks.poll_interval_ms = 1_000; // woken by NOTIFY, as in production
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
+    settings.rate_limit.batch_jobs = settings.rate_limit.user;
     let mut app = TestApp::start(
         settings.clone(),
         AppOptions { worker_models: vec!["digits-cnn"], dispatcher: true, ..Default::default() },

@@ -259,3 +259,26 @@ async fn the_example_scripts_submit_a_batch_and_collect_the_results() {
         assert_eq!(counts["succeeded"], 250, "{script}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_batches_count_against_the_accounts_batch_quota_item_by_item() {
+    let mut settings = test_settings().await;
+    settings.rate_limit.batch_jobs = spool_shared::config::Quota { per_minute: 60, burst: 5 };
+    let app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let items = |n: usize| json!({"model": "digits-cnn", "items": vec![json!({"input": {"pixels": vec![0; 64]}}); n]});
+    let submit = |n: usize| app.client.post(app.url("/v1/batches")).bearer_auth(&app.token).json(&items(n)).send();
+
+    assert_eq!(submit(3).await.unwrap().status(), StatusCode::ACCEPTED);
+    // Three more items do not fit in the two left, though it is only the second request.
+    let refused = submit(3).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited");
+    assert_eq!(submit(2).await.unwrap().status(), StatusCode::ACCEPTED);
+
+    let listed: Value = app.get_json("/v1/batches").await;
+    let totals: Vec<i64> = listed["data"].as_array().unwrap().iter().map(|b| b["total"].as_i64().unwrap()).collect();
+    assert_eq!(totals, [2, 3], "the refused batch created nothing");
+}
