@@ -2,7 +2,7 @@
 //! transaction with multi-row inserts, publish with pipelined confirms; report progress,
 //! stream results in submission order, cancel what has not started.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
@@ -58,7 +58,7 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<BatchItem>, ApiError> {
 }
 
 /// Checks the model, the item count, each input against the model's schema and each
-/// `custom_id`; one bad item refuses the whole batch, naming the first few (by line for
+/// `custom_id` (unique within the batch); one bad item refuses the whole batch, naming the first few (by line for
 /// NDJSON; the pointers are `/items/<index>/…` either way).
 pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_items: usize) -> Result<(), ApiError> {
     if !catalog.names().iter().any(|m| m == model) {
@@ -71,6 +71,8 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
         }]));
     }
     let mut errors = Vec::new();
+    // custom_id → the first item that used it: results are matched back by it.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
     for (index, item) in items.iter().enumerate() {
         if errors.len() >= MAX_ERRORS {
             break;
@@ -88,6 +90,14 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
             }
             if id.contains('\0') {
                 errors.push(at("/custom_id".into(), NUL_DETAIL.into()));
+            }
+            match seen.get(id.as_str()) {
+                Some(first) => {
+                    errors.push(at("/custom_id".into(), format!("{id:?} is also the custom_id of item {first}")))
+                }
+                None => {
+                    seen.insert(id, index);
+                }
             }
         }
         let found = catalog.input_errors(model, &item.input)?;

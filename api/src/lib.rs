@@ -73,6 +73,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let manifest = Manifest::load(&settings.models_dir).context("loading the model manifest")?;
         let catalog = ModelCatalog::new(&manifest)?;
+        telemetry::register_metrics(&catalog.names());
         let secret_key = settings
             .auth
             .secret_key

@@ -121,6 +121,10 @@ impl Dispatcher {
             .user_agent(concat!("Spool-Webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let overall = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        // At zero from the start, so alerts on their increase see the first one.
+        for outcome in ["delivered", "gone", "failed"] {
+            metrics::counter!("spool_webhook_attempts_total", "outcome" => outcome).increment(0);
+        }
         Ok(Arc::new(Self { db, http, settings, policy, sealer, overall, per_host: Mutex::new(HashMap::new()) }))
     }
 

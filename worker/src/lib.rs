@@ -64,6 +64,7 @@ impl Application {
             execution_timeout: Duration::from_millis(settings.worker.execution_timeout_ms.max(1)),
             database_breaker: SharedBreaker::new(settings.worker.database_breaker),
         });
+        register_metrics(&wanted);
         if context.fail_marker.is_some() {
             tracing::warn!("worker.fail_marker is set: inputs containing it will fail on purpose");
         }
@@ -211,6 +212,17 @@ pub async fn wait_for_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Creates the counters operators alert on at zero, so each series exists (and a rule on
+/// `increase(…)` sees its first rise) before anything has gone wrong.
+fn register_metrics(models: &[String]) {
+    metrics::counter!("spool_worker_database_errors_total").increment(0);
+    for model in models {
+        for outcome in ["succeeded", "failed", "dead_lettered", "retrying"] {
+            metrics::counter!("spool_worker_jobs_total", "model" => model.clone(), "outcome" => outcome).increment(0);
         }
     }
 }

@@ -130,7 +130,7 @@ pub async fn complete(db: &DatabaseConnection, completions: &[Completion], infer
                SELECT owner_id, model,
                       count(*) FILTER (WHERE status = 'succeeded'),
                       count(*) FILTER (WHERE status = 'failed'),
-                      $2 * count(*)
+                      $2 / $3 * count(*) -- each job's share of its batch's forward
                  FROM done WHERE status <> 'queued' GROUP BY owner_id, model
                 ORDER BY owner_id, model -- one lock order for every batch: no deadlocks
                ON CONFLICT (user_id, model, shard) DO UPDATE

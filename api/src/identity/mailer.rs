@@ -39,8 +39,9 @@ impl Mailer {
     pub async fn send_verification(&self, to: &str, token: &str) -> Result<(), MailError> {
         let body = format!(
             "Welcome to Spool.\n\nConfirm your email address with this token (valid 24 hours):\n\n    {token}\n\n\
-             For example:\n\n    curl -X POST {base}/v1/auth/verify-email -H 'Content-Type: application/json' \
-             -d '{{\"token\": \"{token}\"}}'\n\nIf you did not create an account, ignore this mail.\n",
+             For example:\n\n    curl -X POST {base}/v1/auth/verify-email \\\n      \
+             -H 'Content-Type: application/json' \\\n      -d '{{\"token\": \"{token}\"}}'\n\n\
+             If you did not create an account, ignore this mail.\n",
             base = self.base_url
         );
         self.send(to, "Confirm your Spool account", body).await
@@ -49,14 +50,17 @@ impl Mailer {
     pub async fn send_password_reset(&self, to: &str, token: &str) -> Result<(), MailError> {
         let body = format!(
             "Someone asked to reset the password of your Spool account.\n\nReset token (valid 1 hour, single use):\n\n    {token}\n\n\
-             For example:\n\n    curl -X POST {base}/v1/auth/password/reset -H 'Content-Type: application/json' \
-             -d '{{\"token\": \"{token}\", \"new_password\": \"...\"}}'\n\n\
+             For example:\n\n    curl -X POST {base}/v1/auth/password/reset \\\n      \
+             -H 'Content-Type: application/json' \\\n      \
+             -d '{{\"token\": \"{token}\",\n           \"new_password\": \"...\"}}'\n\n\
              Resetting signs out every session. If it was not you, ignore this mail.\n",
             base = self.base_url
         );
         self.send(to, "Reset your Spool password", body).await
     }
 
+    /// Lines stay under 76 characters (with the default base URL), so the mail goes as
+    /// plain 7-bit text that can be copied from, not quoted-printable.
     async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), MailError> {
         let message = Message::builder()
             .from(self.from.clone())

@@ -94,6 +94,8 @@ pub struct Job {
     /// The `x-request-id` of the request that submitted the job (the worker logs it with
     /// the job's outcome).
     pub request_id: Option<String>,
+    /// The batch the job was submitted in, if any.
+    pub batch_id: Option<Uuid>,
 }
 
 impl From<job_rows::Model> for Job {
@@ -121,6 +123,7 @@ impl From<job_rows::Model> for Job {
             dead_lettered: row.dead_lettered,
             start_deadline: row.start_deadline,
             request_id: row.request_id,
+            batch_id: row.batch_id,
         }
     }
 }

@@ -19,9 +19,10 @@ pub struct ModelUsage {
     pub submitted: i64,
     pub succeeded: i64,
     pub failed: i64,
-    /// Sum of the inference time of the caller's finished jobs, in ms.
+    /// Forward time of the caller's finished jobs, in ms: each job counts its share of
+    /// the batch it ran in (the batch's time over its size).
     pub inference_ms_total: f64,
-    /// Mean inference time per finished job, in ms.
+    /// Mean forward time per finished job (its share of its batch), in ms.
     pub inference_ms_avg: Option<f64>,
     pub last_used_at: DateTime<Utc>,
 }
@@ -80,7 +81,8 @@ impl MeApi {
             })
             .collect();
         let sum = |f: fn(&ModelUsage) -> i64| models.iter().map(f).sum::<i64>();
-        let inference_ms_total = models.iter().map(|m| m.inference_ms_total).sum();
+        // A fold from +0.0: `sum()` of no floats is -0.0, which JSON shows as `-0.0`.
+        let inference_ms_total = models.iter().fold(0.0, |total, m| total + m.inference_ms_total);
         let (succeeded, failed) = (sum(|m| m.succeeded), sum(|m| m.failed));
         Ok(UsageResponse::Ok(Json(Usage {
             submitted: sum(|m| m.submitted),

@@ -124,6 +124,25 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = response.json().await.unwrap();
     assert!(problem["errors"][0]["pointer"].as_str().unwrap().starts_with("/items/3/input/pixels"), "{problem}");
+    // Results are matched back by custom_id: two items may not share one.
+    let twice = json!({"input": {"pixels": vec![1; 64]}, "custom_id": "same"}).to_string();
+    let response = post_ndjson(
+        &app,
+        "digits-cnn",
+        format!(
+            "{twice}
+{good}
+{twice}
+"
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["pointer"], "/items/2/custom_id", "{problem}");
+    assert_eq!(problem["errors"][0]["detail"], "line 3: \"same\" is also the custom_id of item 0", "{problem}");
     // A misspelt field is refused in JSON items as on NDJSON lines.
     let response = app
         .client

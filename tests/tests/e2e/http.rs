@@ -33,6 +33,13 @@ async fn service_endpoints_answer() {
 
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("spool_http_request_duration_seconds"), "{metrics}");
+    // The counters to alert on exist before anything went wrong.
+    for series in [
+        "spool_ratelimit_unavailable_total",
+        r#"spool_api_rejected_unavailable_total{model="minilm-embed",reason="breakers_open"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+    }
 
     let traced = app.client.get(app.url("/healthz")).header("x-request-id", "trace-me-42").send().await.unwrap();
     assert_eq!(traced.headers()["x-request-id"], "trace-me-42");

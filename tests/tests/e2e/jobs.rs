@@ -123,6 +123,33 @@ async fn concurrent_submissions_each_get_their_own_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_each_job_its_share_of_the_batch_it_ran_in() {
+    // Queued before the worker starts, so that it finds them together and batches them.
+    let mut app = spawn_app_with(AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let empty = app.client.get(app.url("/v1/me/usage")).bearer_auth(&app.token).send().await.unwrap();
+    let empty = empty.text().await.unwrap();
+    assert!(empty.contains(r#""inference_ms_total":0.0"#), "no jobs, no time (not -0.0): {empty}");
+
+    let ids =
+        futures::future::join_all((0..24u8).map(|i| app.submit("digits-cnn", json!({"pixels": vec![i % 17; 64]}))))
+            .await;
+    app.start_worker(&["digits-cnn"]).await;
+    let mut expected = 0.0;
+    let mut batched = false;
+    for id in &ids {
+        let job = app.wait_finished(id, Duration::from_secs(30)).await;
+        let (ms, size) = (job["inference_ms"].as_f64().unwrap(), job["batch_size"].as_f64().unwrap());
+        expected += ms / size;
+        batched |= size > 1.0;
+    }
+    let usage = app.get_json("/v1/me/usage").await;
+    let total = usage["inference_ms_total"].as_f64().unwrap();
+    assert!((total - expected).abs() <= expected * 1e-6, "usage {total} ms, jobs' shares {expected} ms");
+    assert_eq!(usage["succeeded"], 24);
+    assert!(batched, "24 queued jobs all ran alone: the share was not tested");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_returns_the_finished_job() {
     let app = spawn_app().await;
     let response = app

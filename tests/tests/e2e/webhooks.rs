@@ -84,7 +84,8 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
         .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let job_id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    app.wait_finished(&job_id, Duration::from_secs(30)).await;
+    let finished = app.wait_finished(&job_id, Duration::from_secs(30)).await;
+    let fields = |job: &Value| job.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
 
     for (receiver, secret) in [(&account, &secret), (&per_job, &job_secret)] {
         let received = receiver.wait_for(2, Duration::from_secs(15)).await;
@@ -100,6 +101,9 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
             if body["type"] == "job.succeeded" {
                 assert_eq!(body["data"]["status"], "succeeded");
                 assert!(body["data"]["output"].is_object(), "{body}");
+                // The job as GET /v1/jobs/{id} shows it.
+                assert_eq!(fields(&body["data"]), fields(&finished), "{body}");
+                assert_eq!(body["data"]["request_id"], finished["request_id"]);
             }
         }
         let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
