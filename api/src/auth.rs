@@ -108,7 +108,10 @@ impl Principal {
         if self.kind != TokenKind::Api {
             return Err(ApiError::Unauthorized(AuthFailure::WrongPurpose));
         }
-        if !self.scopes.contains(&scope) || (scope == Scope::Admin && self.role != Role::Operator) {
+        if scope == Scope::Admin && self.role != Role::Operator {
+            return Err(ApiError::NotOperator);
+        }
+        if !self.scopes.contains(&scope) {
             return Err(ApiError::Forbidden(scope.as_str()));
         }
         Ok(())
@@ -119,7 +122,7 @@ impl Principal {
         match self.kind {
             TokenKind::Session if self.role == Role::Operator => Ok(()),
             TokenKind::Api => self.require_api(Scope::Admin),
-            TokenKind::Session => Err(ApiError::Forbidden("admin")),
+            TokenKind::Session => Err(ApiError::NotOperator),
         }
     }
 

@@ -61,6 +61,9 @@ pub enum ApiError {
     Unauthorized(AuthFailure),
     #[error("the token lacks the {0} scope")]
     Forbidden(&'static str),
+    /// Operators' endpoints and the `admin` scope, asked for by another account.
+    #[error("only operators may do this; this account is not one")]
+    NotOperator,
     #[error("{0}")]
     AccountForbidden(&'static str),
     #[error("an account with this email already exists")]
@@ -185,7 +188,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::JobNotFound => StatusCode::NOT_FOUND,
             Self::IdempotencyConflict | Self::NotCancelable(_) | Self::EmailTaken => StatusCode::CONFLICT,
             Self::Unauthorized(_) | Self::BadCredentials => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::AccountForbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::NotOperator | Self::AccountForbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::LoginLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InvalidEmailToken => StatusCode::BAD_REQUEST,
             Self::TokenNotFound | Self::WebhookNotFound | Self::DeliveryNotFound | Self::BatchNotFound => {
@@ -206,7 +209,7 @@ impl ApiError {
             Self::IdempotencyConflict => "idempotency_key_reused",
             Self::NotCancelable(_) => "job_not_cancelable",
             Self::Unauthorized(failure) => failure.code(),
-            Self::Forbidden(_) => "insufficient_scope",
+            Self::Forbidden(_) | Self::NotOperator => "insufficient_scope",
             Self::AccountForbidden(_) => "email_not_verified",
             Self::EmailTaken => "email_taken",
             Self::RateLimited { .. } => "rate_limited",

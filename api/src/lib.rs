@@ -240,15 +240,17 @@ async fn limit_body<E: Endpoint>(endpoint: E, mut request: Request, max: usize) 
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        poem::Error::from_string(
+            format!("the body is over this endpoint's limit of {max} bytes"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        )
+    };
     match declared {
-        Some(length) if length > max => return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE)),
+        Some(length) if length > max => return Err(too_large()),
         Some(_) => {}
         None if request.headers().contains_key(poem::http::header::TRANSFER_ENCODING) => {
-            let body = request
-                .take_body()
-                .into_bytes_limit(max)
-                .await
-                .map_err(|_| poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE))?;
+            let body = request.take_body().into_bytes_limit(max).await.map_err(|_| too_large())?;
             request.set_body(body);
         }
         None => {}

@@ -93,7 +93,7 @@ pub async fn create(
         return Err(ApiError::AccountForbidden("verify your email address before creating API tokens"));
     }
     if scopes.contains(&Scope::Admin) && principal.role != Role::Operator {
-        return Err(ApiError::Forbidden("admin"));
+        return Err(ApiError::NotOperator);
     }
     issue(&state.db, &state.signer, principal.user_id, name, lifetime, &scopes).await
 }

@@ -152,15 +152,25 @@ async fn whatever_a_client_sends_it_gets_no_5xx_and_every_4xx_is_a_problem_with_
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let mut offences = Vec::new();
     let mut seen = std::collections::BTreeMap::<(u16, String), usize>::new();
+    let mut body_too_large = Vec::new();
     for probe in &probes {
         let (status, content_type, text) = probe.send(&client, &app).await;
         let code = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["code"].as_str().map(str::to_owned));
+        if status == 413 {
+            body_too_large
+                .push(serde_json::from_str::<Value>(&text).unwrap()["detail"].as_str().unwrap_or_default().to_owned());
+        }
         *seen.entry((status, code.unwrap_or_default())).or_default() += 1;
         if !acceptable(status, &content_type, &text) {
             offences.push(format!("{probe} → {status}: {}", text.chars().take(300).collect::<String>()));
         }
     }
     eprintln!("{} probes, answered (status, code) × count: {seen:?}", probes.len());
+    let detail = "the body is over this endpoint's limit of 65536 bytes";
+    assert!(
+        !body_too_large.is_empty() && body_too_large.iter().all(|d| d == detail),
+        "413 says the limit: {body_too_large:?}"
+    );
     assert!(
         offences.is_empty(),
         "{} of {} requests were answered badly:\n{}",

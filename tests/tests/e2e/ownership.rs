@@ -114,6 +114,10 @@ async fn another_users_objects_are_404_through_every_operation_that_takes_an_id(
     }
     assert!(wrong.is_empty(), "another user reached an object:\n{}", wrong.join("\n"));
     assert!(tried >= 12, "every operation with an id was tried: {tried}");
+    // A user's token with every scope still is not an operator's, and is told so.
+    let (status, answer) = send(&app, Method::GET, "/v1/admin/breakers", &other_api, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(answer["detail"], "only operators may do this; this account is not one", "{answer}");
 
     // Nothing of the owner's changed, and none of it shows in the other user's lists.
     let (_, job) = send(&app, Method::GET, &format!("/v1/jobs/{}", owned.job), &owner_api, None).await;
