@@ -115,6 +115,52 @@ pub async fn get(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<Su
     .ok_or(ApiError::WebhookNotFound)
 }
 
+/// What `PATCH /v1/webhooks/{id}` changes; `None` leaves a field as it is.
+#[derive(Default)]
+pub struct Changes {
+    pub url: Option<String>,
+    pub events: Option<Vec<String>>,
+    pub description: Option<String>,
+    /// `true` re-enables a subscription (one disabled by a `410 Gone`, say); `false`
+    /// stops its deliveries until it is enabled again.
+    pub enabled: Option<bool>,
+}
+
+/// Changes a subscription in place, keeping its id, secret and delivery log.
+pub async fn update(
+    db: &DatabaseConnection,
+    owner_id: Uuid,
+    id: Uuid,
+    changes: Changes,
+) -> Result<Subscription, ApiError> {
+    Subscription::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "UPDATE webhook_subscriptions
+                SET url = coalesce($3, url),
+                    events = coalesce($4::text[], events),
+                    description = coalesce($5, description),
+                    disabled_at = CASE WHEN $6 IS NULL THEN disabled_at
+                                       WHEN $6 THEN NULL ELSE coalesce(disabled_at, now()) END,
+                    disabled_reason = CASE WHEN $6 IS NULL THEN disabled_reason
+                                           WHEN $6 THEN NULL ELSE coalesce(disabled_reason, 'disabled by its owner') END
+              WHERE id = $1 AND owner_id = $2
+          RETURNING {SUBSCRIPTION_COLUMNS}"
+        ),
+        [
+            id.into(),
+            owner_id.into(),
+            changes.url.into(),
+            changes.events.into(),
+            changes.description.into(),
+            changes.enabled.into(),
+        ],
+    ))
+    .one(db)
+    .await?
+    .ok_or(ApiError::WebhookNotFound)
+}
+
 /// Deletes a subscription and its delivery log.
 pub async fn delete(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<(), ApiError> {
     let result = db

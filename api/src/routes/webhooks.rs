@@ -29,13 +29,29 @@ pub struct CreateWebhookRequest {
     pub description: String,
 }
 
+/// Fields left out stay as they are.
+#[derive(Object)]
+pub struct UpdateWebhookRequest {
+    /// Where to POST events: `https`, on a public address.
+    #[oai(validator(max_length = 2048))]
+    pub url: Option<String>,
+    #[oai(validator(max_items = 6))]
+    pub events: Option<Vec<String>>,
+    #[oai(validator(max_length = 500))]
+    pub description: Option<String>,
+    /// `true` re-enables a subscription (after a `410 Gone`, say): events from now on are
+    /// delivered; those it missed are not. `false` pauses it.
+    pub enabled: Option<bool>,
+}
+
 #[derive(Object)]
 pub struct Webhook {
     pub id: Uuid,
     pub url: String,
     pub events: Vec<String>,
     pub description: String,
-    /// Set when the endpoint answered `410 Gone`: nothing more is sent.
+    /// Set when the endpoint answered `410 Gone` (or the owner paused it): nothing more
+    /// is sent until `PATCH` with `"enabled": true`.
     pub disabled_at: Option<DateTime<Utc>>,
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -206,6 +222,35 @@ impl WebhooksApi {
     ) -> Result<WebhookResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
         let webhook = webhooks::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        Ok(WebhookResponse::Ok(Json(webhook.into())))
+    }
+
+    /// Change a subscription's URL, events or description, or re-enable it; its id,
+    /// secret and delivery log stay
+    #[oai(path = "/:id", method = "patch", operation_id = "update_webhook")]
+    async fn update(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<String>,
+        body: Json<UpdateWebhookRequest>,
+    ) -> Result<WebhookResponse, ApiError> {
+        auth.0.require_api(Scope::Webhooks)?;
+        let id = parse_id(&id.0)?;
+        let body = body.0;
+        let events = match body.events {
+            Some(events) => Some(webhooks::check_events(&events, SUBSCRIPTION_EVENTS, "/events")?),
+            None => None,
+        };
+        let url = match body.url {
+            Some(url) => {
+                let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
+                Some(webhooks::check_url(&policy, &url, "/url").await?)
+            }
+            None => None,
+        };
+        let changes = webhooks::Changes { url, events, description: body.description, enabled: body.enabled };
+        let webhook = webhooks::update(&state.db, auth.0.user_id, id, changes).await?;
         Ok(WebhookResponse::Ok(Json(webhook.into())))
     }
 

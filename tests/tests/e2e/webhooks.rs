@@ -211,7 +211,7 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_
 async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_410_disables() {
     let (app, token) = app_with_dispatcher(false).await;
     let receiver = Receiver::start().await;
-    let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    let (id, secret) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
     receiver.answer(&[500, 503]);
     call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     let received = receiver.wait_for(3, Duration::from_secs(15)).await;
@@ -248,6 +248,38 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     assert!(!disabled["disabled_at"].is_null(), "{disabled}");
     let (status, problem) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "a disabled subscription takes no test: {problem}");
+
+    // Re-enabled by its owner, with the same id and secret, it takes events again.
+    let path = format!("/v1/webhooks/{id}");
+    let (status, enabled) = call(&app, &token, reqwest::Method::PATCH, &path, Some(json!({"enabled": true}))).await;
+    assert_eq!(status, StatusCode::OK, "{enabled}");
+    assert!(enabled["disabled_at"].is_null() && enabled["disabled_reason"].is_null(), "{enabled}");
+    let (status, _) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let received = receiver.wait_for(6, Duration::from_secs(10)).await;
+    verify_with_standard_webhooks(&secret, &received[5]).expect("the same secret signs");
+    // Changes are checked as a new subscription is.
+    let private = json!({"url": "http://10.0.0.1/hook"});
+    assert_eq!(
+        call(&app, &token, reqwest::Method::PATCH, &path, Some(private)).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let unknown = json!({"events": ["job.exploded"]});
+    assert_eq!(
+        call(&app, &token, reqwest::Method::PATCH, &path, Some(unknown)).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let (status, changed) = call(
+        &app,
+        &token,
+        reqwest::Method::PATCH,
+        &path,
+        Some(json!({"events": ["job.failed"], "description": "ops"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((changed["events"].clone(), changed["description"].clone()), (json!(["job.failed"]), json!("ops")));
+    assert_eq!(changed["url"], receiver.url().as_str(), "fields left out stay");
 
     // Someone else's subscription does not exist for them.
     let (other, _) = app.new_user_with_token(&[]).await;
