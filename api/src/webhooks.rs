@@ -238,6 +238,10 @@ pub struct Delivery {
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
+const DELIVERY_COLUMNS: &str = "id, subscription_id, job_id, event_type, status, attempts, last_status_code, \
+     last_error, last_latency_ms, CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at, \
+     attempt_log, created_at, delivered_at";
+
 /// A subscription's deliveries, newest first (`limit` 1–500).
 pub async fn deliveries(
     db: &DatabaseConnection,
@@ -248,12 +252,32 @@ pub async fn deliveries(
     get(db, owner_id, subscription_id).await?;
     Ok(Delivery::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT id, subscription_id, job_id, event_type, status, attempts, last_status_code, last_error,
-                    last_latency_ms, CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
-                    attempt_log, created_at, delivered_at
-               FROM webhook_deliveries WHERE subscription_id = $1 AND owner_id = $2
-              ORDER BY created_at DESC LIMIT $3",
+        format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE subscription_id = $1 AND owner_id = $2
+              ORDER BY created_at DESC LIMIT $3"
+        ),
         [subscription_id.into(), owner_id.into(), (limit as i64).into()],
+    ))
+    .all(db)
+    .await?)
+}
+
+/// Every delivery about one of the caller's jobs (to its per-job webhook and to the
+/// account's subscriptions), newest first; `JobNotFound` for someone else's job.
+pub async fn deliveries_of_job(
+    db: &DatabaseConnection,
+    owner_id: Uuid,
+    job_id: Uuid,
+) -> Result<Vec<Delivery>, ApiError> {
+    crate::jobs::find(db, owner_id, job_id).await?;
+    Ok(Delivery::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        // A job has a few events, each to at most MAX_SUBSCRIPTIONS + 1 targets.
+        format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE job_id = $1 AND owner_id = $2
+              ORDER BY created_at DESC LIMIT 500"
+        ),
+        [job_id.into(), owner_id.into()],
     ))
     .all(db)
     .await?)

@@ -13,6 +13,7 @@ mod m20261125_000009_count_batch_progress_per_statement;
 mod m20261125_000010_shard_usage_counters;
 mod m20261129_000011_add_job_request_id;
 mod m20261129_000012_job_json_with_request_id;
+mod m20261129_000013_index_deliveries_by_job;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000010_shard_usage_counters::Migration),
             Box::new(m20261129_000011_add_job_request_id::Migration),
             Box::new(m20261129_000012_job_json_with_request_id::Migration),
+            Box::new(m20261129_000013_index_deliveries_by_job::Migration),
         ]
     }
 }

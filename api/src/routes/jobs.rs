@@ -15,6 +15,7 @@ use spool_shared::webhooks::JOB_EVENTS;
 use uuid::Uuid;
 
 use super::ApiTags;
+use super::webhooks::{DeliveryList, DeliveryListResponse};
 use crate::auth::{BearerAuth, Scope};
 use crate::error::ApiError;
 use crate::jobs::{self, IdempotencyKey, JobOptions, JobWebhook, ListQuery, Submission};
@@ -310,6 +311,20 @@ impl JobsApi {
             data: page.jobs.into_iter().map(Job::from).collect(),
             next_cursor: page.next_cursor.map(|id| id.to_string()),
         })))
+    }
+
+    /// Webhook deliveries about a job: to its own webhook and to the account's
+    /// subscriptions, newest first, with status, attempts and response codes
+    #[oai(path = "/jobs/:id/deliveries", method = "get", operation_id = "list_job_deliveries")]
+    async fn deliveries(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<DeliveryListResponse, ApiError> {
+        auth.0.require_api(Scope::JobsRead)?;
+        let rows = webhooks::deliveries_of_job(&state.db, auth.0.user_id, parse_job_id(&id.0)?).await?;
+        Ok(DeliveryListResponse::Ok(Json(DeliveryList { data: rows.into_iter().map(Into::into).collect() })))
     }
 
     /// Cancel a job

@@ -110,6 +110,23 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
         assert_eq!(ids.len(), 2, "one id per event");
     }
     assert!(verify_with_standard_webhooks(&secret, &per_job.received()[0]).is_err(), "secrets are not shared");
+
+    // The job's own log of its deliveries: both events, to both targets, all delivered.
+    let path = format!("/v1/jobs/{job_id}/deliveries");
+    let mut log = Vec::new();
+    for _ in 0..50 {
+        log = call(&app, &token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone();
+        if log.len() == 4 && log.iter().all(|d| d["status"] == "succeeded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen: Vec<(String, bool)> =
+        log.iter().map(|d| (d["event_type"].as_str().unwrap().to_owned(), d["subscription_id"].is_null())).collect();
+    seen.sort();
+    let expected = [("job.started", false), ("job.started", true), ("job.succeeded", false), ("job.succeeded", true)];
+    assert_eq!(seen, expected.map(|(e, per_job)| (e.to_owned(), per_job)), "{log:?}");
+    assert!(log.iter().all(|d| d["status"] == "succeeded" && d["job_id"] == job_id.as_str()), "{log:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
