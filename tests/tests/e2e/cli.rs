@@ -189,4 +189,7 @@ async fn spoolctl_batch_wait_exits_5_when_jobs_did_not_succeed() {
     assert_eq!(batch["counts"]["canceled"], 50, "{batch}");
     assert!(!batch["completed_at"].is_null());
     assert!(waited.stderr.contains("50 job(s) of the batch did not succeed"), "{}", waited.stderr);
+    // The table says how the batch ended, not only that it did.
+    let table = spoolctl(&url, &app.token, &["batch", "list"]).await.stdout;
+    assert!(table.contains("OUTCOMES") && table.contains("50 canceled"), "{table}");
 }

@@ -86,9 +86,16 @@ pub async fn run(command: BatchCommand, json_output: bool) -> Result<(), CliErro
         BatchCommand::Status { id } => show(&client.get(&format!("/v1/batches/{id}"), &[]).await?, json_output),
         BatchCommand::List { limit } => {
             let page = client.get("/v1/batches", &[("limit", limit.to_string())]).await?;
-            print_page(&page, json_output, &["BATCH", "MODEL", "JOBS", "DONE", "CREATED"], |b| {
+            print_page(&page, json_output, &["BATCH", "MODEL", "JOBS", "FINISHED", "OUTCOMES", "CREATED"], |b| {
                 let progress = b["progress"].as_f64().map_or("-".into(), |p| format!("{:.0}%", p * 100.0));
-                vec![field(b, "id"), field(b, "model"), field(b, "total"), progress, field(b, "created_at")]
+                vec![
+                    field(b, "id"),
+                    field(b, "model"),
+                    field(b, "total"),
+                    progress,
+                    outcomes(b),
+                    field(b, "created_at"),
+                ]
             });
             Ok(())
         }
@@ -154,4 +161,16 @@ fn show(batch: &Value, json_output: bool) -> Result<(), CliError> {
     let statuses = ["queued", "running", "succeeded", "failed", "canceled"];
     println!("\n{}", table(&statuses, &[statuses.iter().map(|s| field(counts, s)).collect()]));
     Ok(())
+}
+
+/// The finished jobs of a batch by how they ended, e.g. `64 succeeded, 1436 canceled`.
+fn outcomes(batch: &Value) -> String {
+    let counts: Vec<String> = ["succeeded", "failed", "canceled"]
+        .into_iter()
+        .filter_map(|status| {
+            let n = batch["counts"][status].as_i64().unwrap_or(0);
+            (n > 0).then(|| format!("{n} {status}"))
+        })
+        .collect();
+    if counts.is_empty() { "-".into() } else { counts.join(", ") }
 }
