@@ -1,11 +1,5 @@
 //! The `jobs` table and the indexes its queries need.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
-// Plain SQL: the constraints and partial indexes read more clearly than the builder.
 const UP: &str = r#"
 CREATE TABLE jobs (
     id              uuid PRIMARY KEY,
@@ -42,10 +36,4 @@ CREATE INDEX jobs_unpublished ON jobs (created_at)
     WHERE published_at IS NULL AND status = 'queued';
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

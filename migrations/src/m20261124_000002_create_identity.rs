@@ -1,10 +1,5 @@
 //! Accounts, single-use email tokens, API tokens and per-model usage counters.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 CREATE TABLE users (
     id                    uuid PRIMARY KEY,
@@ -56,10 +51,4 @@ CREATE TABLE usage (
 );
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

@@ -1,11 +1,6 @@
 //! Failure handling: each job keeps the history of its attempts and whether it was
 //! dead-lettered; operators' actions are audit-logged.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 ALTER TABLE jobs
     ADD COLUMN dead_lettered boolean NOT NULL DEFAULT false,
@@ -24,10 +19,4 @@ CREATE TABLE audit_log (
 );
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

@@ -6,11 +6,6 @@
 //! status transition happens once, it is not queued twice. The dispatcher
 //! (`spool-dispatcher`) sends them.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 CREATE TABLE webhook_subscriptions (
     id                   uuid PRIMARY KEY,
@@ -113,10 +108,4 @@ CREATE TRIGGER jobs_webhook_events AFTER UPDATE OF status ON jobs
     EXECUTE FUNCTION spool_job_webhook_events();
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

@@ -4,11 +4,6 @@
 //! zero the batch is complete and `batch.completed` is queued for webhooks, in the same
 //! transaction as the last job's status change.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 CREATE TABLE batches (
     id               uuid PRIMARY KEY,
@@ -73,10 +68,4 @@ CREATE TRIGGER jobs_batch_progress AFTER UPDATE OF status ON jobs
     EXECUTE FUNCTION spool_batch_progress();
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

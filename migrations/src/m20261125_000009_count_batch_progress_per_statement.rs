@@ -8,11 +8,6 @@
 //! locked in id order, so two statements finishing jobs of the same batches cannot deadlock
 //! on them.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 DROP TRIGGER jobs_batch_progress ON jobs;
 
@@ -69,10 +64,4 @@ CREATE TRIGGER jobs_batch_progress AFTER UPDATE ON jobs
     FOR EACH STATEMENT EXECUTE FUNCTION spool_batch_progress();
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

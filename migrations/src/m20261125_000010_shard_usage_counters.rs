@@ -7,11 +7,6 @@
 //! (`pg_backend_pid() % 64`, the column's default), so concurrent transactions rarely
 //! share a row (6,655 tps); readers sum the shards.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 CREATE FUNCTION spool_usage_shard() RETURNS smallint LANGUAGE sql VOLATILE
     AS 'SELECT (pg_backend_pid() % 64)::smallint';
@@ -21,10 +16,4 @@ ALTER TABLE usage DROP CONSTRAINT usage_pkey;
 ALTER TABLE usage ADD PRIMARY KEY (user_id, model, shard);
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);

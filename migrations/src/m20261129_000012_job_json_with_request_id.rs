@@ -1,11 +1,6 @@
 //! Webhook payloads carry the job as `GET /v1/jobs/{id}` shows it: `request_id` (added in
 //! 000011) joins the other fields.
 
-use sea_orm_migration::prelude::*;
-
-#[derive(DeriveMigrationName)]
-pub struct Migration;
-
 const UP: &str = r#"
 CREATE OR REPLACE FUNCTION spool_job_json(j jobs) RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
@@ -17,10 +12,4 @@ CREATE OR REPLACE FUNCTION spool_job_json(j jobs) RETURNS jsonb LANGUAGE sql STA
 $$;
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-}
+sql_migration!(UP);
