@@ -320,6 +320,27 @@ pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id
     Ok(sealer.open(&stored, owner)?)
 }
 
+/// A new secret for the account's per-job webhooks; the old one keeps signing
+/// (alongside) for 24 hours, as for subscriptions.
+pub async fn rotate_job_secret(
+    db: &DatabaseConnection,
+    sealer: &SecretSealer,
+    owner_id: Uuid,
+) -> Result<String, ApiError> {
+    let secret = new_secret();
+    let sealed = sealer.seal(&secret, SecretOwner::Account(owner_id))?;
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE users SET previous_webhook_secret = webhook_secret,
+                          previous_webhook_secret_expires_at = now() + interval '24 hours',
+                          webhook_secret = $2
+          WHERE id = $1",
+        [owner_id.into(), sealed.into()],
+    ))
+    .await?;
+    Ok(secret)
+}
+
 /// Seals anew every secret stored in clear (from before sealing existed) or sealed with a
 /// key that is no longer the first of `webhooks.sealing_keys`; run at start, so a sealing
 /// key rotates by putting the new one first and restarting. Each row is updated only if it
@@ -335,7 +356,10 @@ pub async fn reseal_stored_secrets(db: &DatabaseConnection, sealer: &SecretSeale
              SELECT 'previous_secret', id, previous_secret
                FROM webhook_subscriptions WHERE right(previous_secret, $2) <> $1
              UNION ALL
-             SELECT 'account', id, webhook_secret FROM users WHERE right(webhook_secret, $2) <> $1",
+             SELECT 'account', id, webhook_secret FROM users WHERE right(webhook_secret, $2) <> $1
+             UNION ALL
+             SELECT 'previous_account', id, previous_webhook_secret
+               FROM users WHERE right(previous_webhook_secret, $2) <> $1",
             [suffix.clone().into(), (suffix.len() as i32).into()],
         ))
         .await?;
@@ -345,6 +369,7 @@ pub async fn reseal_stored_secrets(db: &DatabaseConnection, sealer: &SecretSeale
             (row.try_get("", "kind")?, row.try_get("", "id")?, row.try_get("", "value")?);
         let (table, column, owner) = match kind.as_str() {
             "account" => ("users", "webhook_secret", SecretOwner::Account(id)),
+            "previous_account" => ("users", "previous_webhook_secret", SecretOwner::Account(id)),
             "previous_secret" => ("webhook_subscriptions", "previous_secret", SecretOwner::Subscription(id)),
             _ => ("webhook_subscriptions", "secret", SecretOwner::Subscription(id)),
         };

@@ -36,6 +36,7 @@ mod m20261125_000010_shard_usage_counters;
 mod m20261129_000011_add_job_request_id;
 mod m20261129_000012_job_json_with_request_id;
 mod m20261129_000013_index_deliveries_by_job;
+mod m20261129_000014_rotate_job_webhook_secret;
 
 pub struct Migrator;
 
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000011_add_job_request_id::Migration),
             Box::new(m20261129_000012_job_json_with_request_id::Migration),
             Box::new(m20261129_000013_index_deliveries_by_job::Migration),
+            Box::new(m20261129_000014_rotate_job_webhook_secret::Migration),
         ]
     }
 }
@@ -82,7 +84,8 @@ mod tests {
                 "m20261125_000010_shard_usage_counters",
                 "m20261129_000011_add_job_request_id",
                 "m20261129_000012_job_json_with_request_id",
-                "m20261129_000013_index_deliveries_by_job"
+                "m20261129_000013_index_deliveries_by_job",
+                "m20261129_000014_rotate_job_webhook_secret"
             ]
         );
     }

@@ -185,7 +185,10 @@ impl Dispatcher {
                                       FOR UPDATE SKIP LOCKED)
                 RETURNING d.id, d.url, d.payload::text AS body, d.attempts, d.subscription_id, d.owner_id,
                           CASE WHEN d.subscription_id IS NULL
-                               THEN (SELECT array_remove(ARRAY[u.webhook_secret], NULL)
+                               THEN (SELECT array_remove(ARRAY[u.webhook_secret] ||
+                                                CASE WHEN u.previous_webhook_secret_expires_at > now()
+                                                     THEN ARRAY[u.previous_webhook_secret]
+                                                     ELSE ARRAY[]::text[] END, NULL)
                                        FROM users u WHERE u.id = d.owner_id)
                                ELSE (SELECT ARRAY[s.secret] || CASE WHEN s.previous_secret_expires_at > now()
                                                                     THEN ARRAY[s.previous_secret]

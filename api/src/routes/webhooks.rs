@@ -333,6 +333,14 @@ impl WebhooksApi {
         let secret = webhooks::job_secret(&state.db, &state.sealer, auth.0.user_id).await?;
         Ok(SecretResponse::Ok(Json(Secret { secret })))
     }
+
+    /// Rotate the secret for per-job webhooks (the old one keeps signing for 24 hours)
+    #[oai(path = "/job-secret/rotate", method = "post", operation_id = "rotate_job_webhook_secret")]
+    async fn rotate_job_secret(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<SecretResponse, ApiError> {
+        auth.0.require_api(Scope::JobsWrite)?;
+        let secret = webhooks::rotate_job_secret(&state.db, &state.sealer, auth.0.user_id).await?;
+        Ok(SecretResponse::Ok(Json(Secret { secret })))
+    }
 }
 
 /// A malformed id names no subscription of the caller's: 404, like any other.

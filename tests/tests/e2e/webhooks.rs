@@ -224,6 +224,52 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_
     assert_eq!(receiver.received().len(), 2, "nothing more was sent");
 }
 
+/// The account's stored previous per-job secret.
+async fn stored_previous_job_secret(app: &TestApp) -> String {
+    let row = app
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT previous_webhook_secret FROM users WHERE id = $1",
+            [app.user_id.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get("", "previous_webhook_secret").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_secret_rotates_and_the_previous_one_signs_for_a_day_even_across_a_sealing_key_rotation() {
+    let (mut app, token) = app_with_dispatcher(true).await;
+    let receiver = Receiver::start().await;
+    let (_, old) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    let old = old["secret"].as_str().unwrap().to_owned();
+    let (status, new) = call(&app, &token, reqwest::Method::POST, "/v1/webhooks/job-secret/rotate", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let new = new["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    let (_, shown) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    assert_eq!(shown["secret"], new.as_str());
+
+    // The API seals the previous secret anew with a new first sealing key, too.
+    let before = stored_previous_job_secret(&app).await;
+    let mut rotated = app.settings.clone();
+    rotated.webhooks.sealing_keys.insert(0, SecretString::from(generate_sealing_key().unwrap()));
+    app.settings = rotated.clone();
+    app.restart_api(rotated).await;
+    app.kill_dispatcher().await;
+    app.start_dispatcher().await;
+    let after = stored_previous_job_secret(&app).await;
+    assert!(after.starts_with("v4.local.") && after != before, "{after}");
+
+    let job = json!({"model": "digits-cnn", "input": {"pixels": vec![2; 64]}, "webhook": receiver.url()});
+    assert_eq!(app.post_job(&job).await.status(), StatusCode::ACCEPTED);
+    let received = receiver.wait_for(1, Duration::from_secs(15)).await;
+    verify_with_standard_webhooks(&new, &received[0]).expect("the new secret signs");
+    verify_with_standard_webhooks(&old, &received[0]).expect("the previous secret still signs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_410_disables() {
     let (app, token) = app_with_dispatcher(false).await;
