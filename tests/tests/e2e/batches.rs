@@ -282,7 +282,8 @@ async fn the_example_scripts_submit_a_batch_and_collect_the_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_in_batches_count_against_the_accounts_batch_quota_item_by_item() {
     let mut settings = test_settings().await;
-    settings.rate_limit.batch_jobs = spool_shared::config::Quota { per_minute: 60, burst: 5 };
+    // Five items at once, one more every 10 s: far slower than this test's submits.
+    settings.rate_limit.batch_jobs = spool_shared::config::Quota { per_minute: 6, burst: 5 };
     let app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
     let items = |n: usize| json!({"model": "digits-cnn", "items": vec![json!({"input": {"pixels": vec![0; 64]}}); n]});
     let submit = |n: usize| app.client.post(app.url("/v1/batches")).bearer_auth(&app.token).json(&items(n)).send();
