@@ -173,6 +173,17 @@ async fn set_stored_secret(app: &TestApp, subscription: &str, stored: &str) {
         .unwrap();
 }
 
+/// Rotates the sealing key as an operator would: a new key first in the API's and the
+/// dispatcher's settings, then both restarted.
+async fn put_a_new_sealing_key_first(app: &mut TestApp) {
+    let mut rotated = app.settings.clone();
+    rotated.webhooks.sealing_keys.insert(0, SecretString::from(generate_sealing_key().unwrap()));
+    app.settings = rotated.clone();
+    app.restart_api(rotated).await;
+    app.kill_dispatcher().await;
+    app.start_dispatcher().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_when_stale() {
     let (mut app, token) = app_with_dispatcher(false).await;
@@ -196,12 +207,7 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_
 
     // A new sealing key goes first: at start the API seals every secret anew with it, and
     // the dispatcher, given the same keys, still signs with the same secrets.
-    let mut rotated = app.settings.clone();
-    rotated.webhooks.sealing_keys.insert(0, SecretString::from(generate_sealing_key().unwrap()));
-    app.settings = rotated.clone();
-    app.restart_api(rotated).await;
-    app.kill_dispatcher().await;
-    app.start_dispatcher().await;
+    put_a_new_sealing_key_first(&mut app).await;
     let resealed = stored_secret(&app, &first).await;
     assert!(resealed.starts_with("v4.local.") && resealed != sealed, "{resealed}");
     call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{first}/test"), None).await;
@@ -254,12 +260,7 @@ async fn the_job_secret_rotates_and_the_previous_one_signs_for_a_day_even_across
 
     // The API seals the previous secret anew with a new first sealing key, too.
     let before = stored_previous_job_secret(&app).await;
-    let mut rotated = app.settings.clone();
-    rotated.webhooks.sealing_keys.insert(0, SecretString::from(generate_sealing_key().unwrap()));
-    app.settings = rotated.clone();
-    app.restart_api(rotated).await;
-    app.kill_dispatcher().await;
-    app.start_dispatcher().await;
+    put_a_new_sealing_key_first(&mut app).await;
     let after = stored_previous_job_secret(&app).await;
     assert!(after.starts_with("v4.local.") && after != before, "{after}");
 
