@@ -298,6 +298,19 @@ pub async fn redeliver(db: &DatabaseConnection, owner_id: Uuid, delivery_id: Uui
     row.map(|_| ()).ok_or(ApiError::DeliveryNotFound)
 }
 
+/// Gives the account a secret for per-job webhooks if it has none yet (every submission
+/// with a webhook comes here: one conditional write, nothing read back or opened).
+pub async fn ensure_job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id: Uuid) -> Result<(), ApiError> {
+    let sealed = sealer.seal(&new_secret(), SecretOwner::Account(owner_id))?;
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE users SET webhook_secret = $2 WHERE id = $1 AND webhook_secret IS NULL",
+        [owner_id.into(), sealed.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
 /// The account's secret for per-job webhooks, created on first use.
 pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id: Uuid) -> Result<String, ApiError> {
     let owner = SecretOwner::Account(owner_id);
@@ -305,7 +318,7 @@ pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            // Writes only the first time: every job submitted with a webhook comes here.
+            // Writes only the first time.
             "WITH created AS (
                  UPDATE users SET webhook_secret = $2 WHERE id = $1 AND webhook_secret IS NULL
                  RETURNING webhook_secret)

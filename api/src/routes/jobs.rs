@@ -198,7 +198,7 @@ pub(crate) async fn job_webhook(
     let url = webhooks::check_url(&policy, url, "/webhook").await?;
     let events =
         webhooks::check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
-    webhooks::job_secret(&state.db, &state.sealer, owner).await?;
+    webhooks::ensure_job_secret(&state.db, &state.sealer, owner).await?;
     Ok(JobWebhook { url, events })
 }
 
