@@ -268,6 +268,23 @@ impl TestApp {
         self.client.post(self.url(path)).bearer_auth(&self.token).send().await.unwrap().json().await.unwrap()
     }
 
+    /// `method path` with `token` and an optional JSON body: the status and the JSON
+    /// answer (`null` when there is none).
+    pub async fn call(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, self.url(path)).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        (response.status(), response.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post_job(&self, body: &Value) -> reqwest::Response {
         self.client.post(self.url("/v1/jobs")).bearer_auth(&self.token).json(body).send().await.unwrap()
     }

@@ -51,15 +51,6 @@ fn session(app: &TestApp, user_id: Uuid) -> String {
     app.signer().sign(&grant).unwrap()
 }
 
-async fn send(app: &TestApp, method: Method, path: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let mut request = app.client.request(method, app.url(path)).bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    (response.status(), response.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_objects_are_404_through_every_operation_that_takes_an_id() {
     // No worker: the owner's job stays queued, so a cancel that got through would show.
@@ -73,16 +64,16 @@ async fn another_users_objects_are_404_through_every_operation_that_takes_an_id(
 
     let digits = json!({"pixels": vec![0; 64]});
     let (_, job) =
-        send(&app, Method::POST, "/v1/jobs", &owner_api, Some(json!({"model": "digits-cnn", "input": digits}))).await;
+        app.call(&owner_api, Method::POST, "/v1/jobs", Some(json!({"model": "digits-cnn", "input": digits}))).await;
     let batch_body = json!({"model": "digits-cnn", "items": [{"input": digits}, {"input": digits}]});
-    let (_, batch) = send(&app, Method::POST, "/v1/batches", &owner_api, Some(batch_body)).await;
+    let (_, batch) = app.call(&owner_api, Method::POST, "/v1/batches", Some(batch_body)).await;
     let hook = json!({"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded"]});
-    let (_, webhook) = send(&app, Method::POST, "/v1/webhooks", &owner_api, Some(hook)).await;
+    let (_, webhook) = app.call(&owner_api, Method::POST, "/v1/webhooks", Some(hook)).await;
     let webhook_id = webhook["id"].as_str().unwrap().to_owned();
-    send(&app, Method::POST, &format!("/v1/webhooks/{webhook_id}/test"), &owner_api, None).await;
-    let (_, log) = send(&app, Method::GET, &format!("/v1/webhooks/{webhook_id}/deliveries"), &owner_api, None).await;
+    app.call(&owner_api, Method::POST, &format!("/v1/webhooks/{webhook_id}/test"), None).await;
+    let (_, log) = app.call(&owner_api, Method::GET, &format!("/v1/webhooks/{webhook_id}/deliveries"), None).await;
     let token_body = json!({"name": "owned", "expires_in": "1d", "scopes": ["jobs:read"]});
-    let (_, token) = send(&app, Method::POST, "/v1/tokens", &owner_session, Some(token_body)).await;
+    let (_, token) = app.call(&owner_session, Method::POST, "/v1/tokens", Some(token_body)).await;
     let owned = Owned {
         job: job["id"].as_str().unwrap().into(),
         batch: batch["id"].as_str().unwrap().into(),
@@ -105,7 +96,7 @@ async fn another_users_objects_are_404_through_every_operation_that_takes_an_id(
             // Token management takes a session; everything else an API token.
             let token = if template.starts_with("/v1/tokens/") { &other_session } else { &other_api };
             let body = (method != Method::GET && method != Method::DELETE).then(|| json!({}));
-            let (status, answer) = send(&app, method.clone(), &path, token, body).await;
+            let (status, answer) = app.call(token, method.clone(), &path, body).await;
             tried += 1;
             if answer["code"] != expected {
                 wrong.push(format!("{method} {path} → {status} {answer}"));
@@ -115,25 +106,25 @@ async fn another_users_objects_are_404_through_every_operation_that_takes_an_id(
     assert!(wrong.is_empty(), "another user reached an object:\n{}", wrong.join("\n"));
     assert!(tried >= 12, "every operation with an id was tried: {tried}");
     // A user's token with every scope still is not an operator's, and is told so.
-    let (status, answer) = send(&app, Method::GET, "/v1/admin/breakers", &other_api, None).await;
+    let (status, answer) = app.call(&other_api, Method::GET, "/v1/admin/breakers", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(answer["detail"], "only operators may do this; this account is not one", "{answer}");
 
     // Nothing of the owner's changed, and none of it shows in the other user's lists.
-    let (_, job) = send(&app, Method::GET, &format!("/v1/jobs/{}", owned.job), &owner_api, None).await;
+    let (_, job) = app.call(&owner_api, Method::GET, &format!("/v1/jobs/{}", owned.job), None).await;
     assert_eq!(job["status"], "queued", "{job}");
-    let (_, batch) = send(&app, Method::GET, &format!("/v1/batches/{}", owned.batch), &owner_api, None).await;
+    let (_, batch) = app.call(&owner_api, Method::GET, &format!("/v1/batches/{}", owned.batch), None).await;
     assert_eq!(batch["counts"]["queued"], 2, "{batch}");
-    let (status, _) = send(&app, Method::GET, &format!("/v1/webhooks/{}", owned.webhook), &owner_api, None).await;
+    let (status, _) = app.call(&owner_api, Method::GET, &format!("/v1/webhooks/{}", owned.webhook), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(send(&app, Method::GET, "/v1/jobs", &owner_token_secret, None).await.0, StatusCode::OK);
+    assert_eq!(app.call(&owner_token_secret, Method::GET, "/v1/jobs", None).await.0, StatusCode::OK);
     for (list, token) in [
         ("/v1/jobs", &other_api),
         ("/v1/batches", &other_api),
         ("/v1/webhooks", &other_api),
         ("/v1/tokens", &other_session),
     ] {
-        let (_, listed) = send(&app, Method::GET, list, token, None).await;
+        let (_, listed) = app.call(token, Method::GET, list, None).await;
         let ids: Vec<&str> = listed["data"].as_array().unwrap().iter().filter_map(|o| o["id"].as_str()).collect();
         for id in [&owned.job, &owned.batch, &owned.webhook, &owned.token] {
             assert!(!ids.contains(&id.as_str()), "{list} shows {id} to another user");

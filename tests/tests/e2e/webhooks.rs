@@ -25,32 +25,16 @@ async fn app_with_dispatcher(worker: bool) -> (TestApp, String) {
     (app, token)
 }
 
-async fn call(
-    app: &TestApp,
-    token: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut request = app.client.request(method, app.url(path)).bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn subscribe(app: &TestApp, token: &str, url: &str, events: &[&str]) -> (String, String) {
     let (status, created) =
-        call(app, token, reqwest::Method::POST, "/v1/webhooks", Some(json!({"url": url, "events": events}))).await;
+        app.call(token, reqwest::Method::POST, "/v1/webhooks", Some(json!({"url": url, "events": events}))).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     (created["id"].as_str().unwrap().to_owned(), created["secret"].as_str().unwrap().to_owned())
 }
 
 async fn deliveries(app: &TestApp, token: &str, subscription: &str) -> Vec<Value> {
     let path = format!("/v1/webhooks/{subscription}/deliveries");
-    call(app, token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone()
+    app.call(token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone()
 }
 
 /// The subscription's delivery log once its newest delivery has succeeded (or after 5 s,
@@ -73,9 +57,6 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
     let account = Receiver::start().await;
     let per_job = Receiver::start().await;
     let (_, secret) = subscribe(&app, &token, &account.url(), &["job.started", "job.succeeded"]).await;
-    let (_, job_secret) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
-    let job_secret = job_secret["secret"].as_str().unwrap().to_owned();
-
     let response = app
         .post_job(&json!({
             "model": "digits-cnn", "input": {"pixels": vec![4; 64]},
@@ -84,6 +65,9 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
         .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let job_id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // The submission made the account's job secret; asking for it now shows that one.
+    let (_, job_secret) = app.call(&token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    let job_secret = job_secret["secret"].as_str().unwrap().to_owned();
     let finished = app.wait_finished(&job_id, Duration::from_secs(30)).await;
     let fields = |job: &Value| job.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
 
@@ -115,7 +99,7 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
     let path = format!("/v1/jobs/{job_id}/deliveries");
     let mut log = Vec::new();
     for _ in 0..50 {
-        log = call(&app, &token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone();
+        log = app.call(&token, reqwest::Method::GET, &path, None).await.1["data"].as_array().unwrap().clone();
         if log.len() == 4 && log.iter().all(|d| d["status"] == "succeeded") {
             break;
         }
@@ -135,11 +119,11 @@ async fn a_rotated_secret_and_the_previous_one_both_verify_for_a_day() {
     let receiver = Receiver::start().await;
     let (id, old) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
     let (status, rotated) =
-        call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/rotate-secret"), None).await;
+        app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/rotate-secret"), None).await;
     assert_eq!(status, StatusCode::OK);
     let new = rotated["secret"].as_str().unwrap();
     assert_ne!(new, old);
-    let (status, _) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    let (status, _) = app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let received = receiver.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(received[0].json()["type"], "webhook.test");
@@ -201,7 +185,7 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_
     app.restart_api(app.settings.clone()).await;
     let resealed = stored_secret(&app, &second).await;
     assert!(resealed.starts_with("v4.local."), "{resealed}");
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
     let received = receiver.wait_for(1, Duration::from_secs(10)).await;
     verify_with_standard_webhooks(&clear, &received[0]).expect("the secret sealed at start signs");
 
@@ -210,14 +194,14 @@ async fn secrets_are_sealed_at_rest_bound_to_their_row_and_sealed_anew_at_start_
     put_a_new_sealing_key_first(&mut app).await;
     let resealed = stored_secret(&app, &first).await;
     assert!(resealed.starts_with("v4.local.") && resealed != sealed, "{resealed}");
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{first}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{first}/test"), None).await;
     let received = receiver.wait_for(2, Duration::from_secs(10)).await;
     verify_with_standard_webhooks(&secret, &received[1]).expect("the secret sealed with the new key signs");
 
     // A sealed secret copied into another row does not open there: nothing goes out
     // unsigned or signed with the wrong secret.
     set_stored_secret(&app, &second, &sealed).await;
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{second}/test"), None).await;
     let mut log = Vec::new();
     for _ in 0..50 {
         log = deliveries(&app, &token, &second).await;
@@ -249,13 +233,13 @@ async fn stored_previous_job_secret(app: &TestApp) -> String {
 async fn the_job_secret_rotates_and_the_previous_one_signs_for_a_day_even_across_a_sealing_key_rotation() {
     let (mut app, token) = app_with_dispatcher(true).await;
     let receiver = Receiver::start().await;
-    let (_, old) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    let (_, old) = app.call(&token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
     let old = old["secret"].as_str().unwrap().to_owned();
-    let (status, new) = call(&app, &token, reqwest::Method::POST, "/v1/webhooks/job-secret/rotate", None).await;
+    let (status, new) = app.call(&token, reqwest::Method::POST, "/v1/webhooks/job-secret/rotate", None).await;
     assert_eq!(status, StatusCode::OK);
     let new = new["secret"].as_str().unwrap().to_owned();
     assert_ne!(new, old);
-    let (_, shown) = call(&app, &token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    let (_, shown) = app.call(&token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
     assert_eq!(shown["secret"], new.as_str());
 
     // The API seals the previous secret anew with a new first sealing key, too.
@@ -277,7 +261,7 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     let receiver = Receiver::start().await;
     let (id, secret) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
     receiver.answer(&[500, 503]);
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     let received = receiver.wait_for(3, Duration::from_secs(15)).await;
     let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
     assert_eq!(ids.len(), 1, "the same webhook-id on every retry");
@@ -293,54 +277,49 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     // By hand: sent again now, same id.
     let delivery_id = delivery["id"].as_str().unwrap();
     let path = format!("/v1/webhooks/deliveries/{delivery_id}/retry");
-    assert_eq!(call(&app, &token, reqwest::Method::POST, &path, None).await.0, StatusCode::ACCEPTED);
+    assert_eq!(app.call(&token, reqwest::Method::POST, &path, None).await.0, StatusCode::ACCEPTED);
     let again = receiver.wait_for(4, Duration::from_secs(10)).await;
     assert_eq!(again[3].header("webhook-id"), again[0].header("webhook-id"));
 
     // 410 Gone: the subscription is disabled, nothing more is sent.
     receiver.answer(&[410]);
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     receiver.wait_for(5, Duration::from_secs(10)).await;
     let mut disabled = Value::Null;
     for _ in 0..50 {
-        disabled = call(&app, &token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await.1;
+        disabled = app.call(&token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await.1;
         if !disabled["disabled_at"].is_null() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!disabled["disabled_at"].is_null(), "{disabled}");
-    let (status, problem) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    let (status, problem) = app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "a disabled subscription takes no test: {problem}");
 
     // Re-enabled by its owner, with the same id and secret, it takes events again.
     let path = format!("/v1/webhooks/{id}");
-    let (status, enabled) = call(&app, &token, reqwest::Method::PATCH, &path, Some(json!({"enabled": true}))).await;
+    let (status, enabled) = app.call(&token, reqwest::Method::PATCH, &path, Some(json!({"enabled": true}))).await;
     assert_eq!(status, StatusCode::OK, "{enabled}");
     assert!(enabled["disabled_at"].is_null() && enabled["disabled_reason"].is_null(), "{enabled}");
-    let (status, _) = call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    let (status, _) = app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let received = receiver.wait_for(6, Duration::from_secs(10)).await;
     verify_with_standard_webhooks(&secret, &received[5]).expect("the same secret signs");
     // Changes are checked as a new subscription is.
     let private = json!({"url": "http://10.0.0.1/hook"});
     assert_eq!(
-        call(&app, &token, reqwest::Method::PATCH, &path, Some(private)).await.0,
+        app.call(&token, reqwest::Method::PATCH, &path, Some(private)).await.0,
         StatusCode::UNPROCESSABLE_ENTITY
     );
     let unknown = json!({"events": ["job.exploded"]});
     assert_eq!(
-        call(&app, &token, reqwest::Method::PATCH, &path, Some(unknown)).await.0,
+        app.call(&token, reqwest::Method::PATCH, &path, Some(unknown)).await.0,
         StatusCode::UNPROCESSABLE_ENTITY
     );
-    let (status, changed) = call(
-        &app,
-        &token,
-        reqwest::Method::PATCH,
-        &path,
-        Some(json!({"events": ["job.failed"], "description": "ops"})),
-    )
-    .await;
+    let (status, changed) = app
+        .call(&token, reqwest::Method::PATCH, &path, Some(json!({"events": ["job.failed"], "description": "ops"})))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!((changed["events"].clone(), changed["description"].clone()), (json!(["job.failed"]), json!("ops")));
     assert_eq!(changed["url"], receiver.url().as_str(), "fields left out stay");
@@ -348,7 +327,7 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     // Someone else's subscription does not exist for them.
     let (other, _) = app.new_user_with_token(&[]).await;
     let other_token = app.api_token(other, &[Scope::Webhooks], Duration::from_secs(60)).await;
-    let (status, problem) = call(&app, &other_token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await;
+    let (status, problem) = app.call(&other_token, reqwest::Method::GET, &format!("/v1/webhooks/{id}"), None).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("webhook_not_found")));
 }
 
@@ -388,7 +367,7 @@ async fn a_dispatcher_killed_mid_delivery_delivers_after_its_restart() {
     let receiver = Receiver::start().await;
     let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
     receiver.answer_slowly(200, Duration::from_secs(10));
-    call(&app, &token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
     receiver.wait_for(1, Duration::from_secs(10)).await;
     app.kill_dispatcher().await;
     app.start_dispatcher().await;
@@ -417,14 +396,9 @@ async fn forbidden_and_invalid_targets_are_422_problems() {
         "ftp://example.com/",
         "not a url",
     ] {
-        let (status, problem) = call(
-            &app,
-            &token,
-            reqwest::Method::POST,
-            "/v1/webhooks",
-            Some(json!({"url": url, "events": ["job.failed"]})),
-        )
-        .await;
+        let (status, problem) = app
+            .call(&token, reqwest::Method::POST, "/v1/webhooks", Some(json!({"url": url, "events": ["job.failed"]})))
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {problem}");
         assert_eq!(problem["code"], "invalid_input");
         assert_eq!(problem["errors"][0]["pointer"], "/url", "{problem}");
@@ -441,16 +415,16 @@ async fn forbidden_and_invalid_targets_are_422_problems() {
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["errors"][0]["pointer"], "/webhook", "{problem}");
     }
-    let (status, problem) = call(
-        &app,
-        &token,
-        reqwest::Method::POST,
-        "/v1/webhooks",
-        Some(json!({"url": "https://example.com/hook", "events": ["job.exploded"]})),
-    )
-    .await;
+    let (status, problem) = app
+        .call(
+            &token,
+            reqwest::Method::POST,
+            "/v1/webhooks",
+            Some(json!({"url": "https://example.com/hook", "events": ["job.exploded"]})),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(problem["errors"][0]["pointer"], "/events");
-    let (status, _) = call(&app, &app.token, reqwest::Method::GET, "/v1/webhooks", None).await;
+    let (status, _) = app.call(&app.token, reqwest::Method::GET, "/v1/webhooks", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "the webhooks scope is needed");
 }
