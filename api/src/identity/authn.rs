@@ -4,13 +4,15 @@
 //! Revocation state is cached in Redis for `auth.token_cache_secs`; a revocation
 //! overwrites the cache at once, so every API instance sees it on its next request.
 //! When Redis is unreachable, PostgreSQL is asked: revocation never fails open.
+//! The middleware reads the cached standing in the same round trip as the rate limit
+//! (`RateLimiter::gate`) and comes here only on a miss.
 
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use uuid::Uuid;
 
-use crate::auth::{AuthOutcome, Principal, Role, TokenKind, TokenVerifier};
+use crate::auth::{AuthOutcome, Principal, Role, TokenKind, TokenVerifier, VerifiedToken};
 use crate::error::AuthFailure;
 use crate::redis_handle::RedisHandle;
 
@@ -23,41 +25,56 @@ pub struct Authenticator {
 }
 
 /// What the database says about the token's owner.
+#[derive(Debug, PartialEq, Eq)]
 struct Standing {
     role: Role,
     verified: bool,
     revoked: bool,
 }
 
+impl Standing {
+    const REVOKED: Self = Self { role: Role::User, verified: false, revoked: true };
+}
+
+/// The cached standing of a revoked (or unknown) API token.
+const REVOKED: &str = "revoked";
+
 impl Authenticator {
     pub fn new(verifier: TokenVerifier, db: DatabaseConnection, redis: RedisHandle, cache_ttl: Duration) -> Self {
         Self { verifier, db, redis, cache_ttl }
     }
 
-    pub async fn authenticate(&self, token: &str) -> AuthOutcome {
-        let verified = match self.verifier.verify(token) {
-            Ok(verified) => verified,
-            Err(failure) => return AuthOutcome::Refused(failure),
+    /// Signature, issuer and expiry: no I/O.
+    pub fn verify(&self, token: &str) -> Result<VerifiedToken, AuthFailure> {
+        self.verifier.verify(token)
+    }
+
+    /// The Redis key caching what PostgreSQL said of this token (revoked, role, verified).
+    /// The rate limiter reads it in the same round trip as the quota (`RateLimiter::gate`).
+    pub fn standing_key(&self, verified: &VerifiedToken) -> String {
+        match verified.kind {
+            TokenKind::Api => self.api_token_key(verified.token_id),
+            TokenKind::Session => self.user_key(verified.user_id),
+        }
+    }
+
+    /// The outcome from a cached standing the caller read (`standing_key`); `None` when
+    /// the value does not parse, so the caller asks again with `authenticate_verified`.
+    pub fn from_cached(&self, verified: VerifiedToken, cached: &str) -> Option<AuthOutcome> {
+        let standing = match verified.kind {
+            TokenKind::Api => parse_api_token_standing(cached)?,
+            TokenKind::Session => parse_session_standing(cached, verified.auth_time_ms)?,
         };
+        Some(outcome(verified, Ok(standing)))
+    }
+
+    /// Reads the cached standing, or asks PostgreSQL (and caches its answer).
+    pub async fn authenticate_verified(&self, verified: VerifiedToken) -> AuthOutcome {
         let standing = match verified.kind {
             TokenKind::Api => self.api_token_standing(verified.token_id, verified.user_id).await,
             TokenKind::Session => self.session_standing(verified.user_id, verified.auth_time_ms).await,
         };
-        match standing {
-            Ok(standing) if standing.revoked => AuthOutcome::Refused(AuthFailure::RevokedToken),
-            Ok(standing) => AuthOutcome::Authenticated(Principal {
-                user_id: verified.user_id,
-                role: standing.role,
-                kind: verified.kind,
-                token_id: verified.token_id,
-                scopes: verified.scopes,
-                email_verified: standing.verified,
-            }),
-            Err(error) => {
-                tracing::error!(error.cause_chain = ?error, "cannot check token revocation");
-                AuthOutcome::Unavailable
-            }
-        }
+        outcome(verified, standing)
     }
 
     fn api_token_key(&self, token_id: Uuid) -> String {
@@ -79,17 +96,10 @@ impl Authenticator {
         }
     }
 
-    /// Cache value: `revoked`, or `ok|<role>|<verified 0/1>`.
     async fn api_token_standing(&self, token_id: Uuid, user_id: Uuid) -> Result<Standing, sea_orm::DbErr> {
         let key = self.api_token_key(token_id);
-        if let Some(value) = self.cached(&key).await {
-            if value == "revoked" {
-                return Ok(Standing { role: Role::User, verified: false, revoked: true });
-            }
-            let mut parts = value.split('|').skip(1);
-            let role = Role::parse(parts.next().unwrap_or_default());
-            let verified = parts.next() == Some("1");
-            return Ok(Standing { role, verified, revoked: false });
+        if let Some(standing) = self.cached(&key).await.as_deref().and_then(parse_api_token_standing) {
+            return Ok(standing);
         }
         // Cache miss (or Redis down): ask PostgreSQL, and note the use while at it.
         let row = self
@@ -106,8 +116,8 @@ impl Authenticator {
             .await?;
         let Some(row) = row else {
             // Unknown token (deleted account, or a token minted for a row that never existed).
-            self.cache(&key, "revoked").await;
-            return Ok(Standing { role: Role::User, verified: false, revoked: true });
+            self.cache(&key, REVOKED).await;
+            return Ok(Standing::REVOKED);
         };
         let standing = Standing {
             revoked: row.try_get("", "revoked")?,
@@ -115,7 +125,7 @@ impl Authenticator {
             verified: row.try_get("", "verified")?,
         };
         let value = if standing.revoked {
-            "revoked".to_owned()
+            REVOKED.to_owned()
         } else {
             format!("ok|{}|{}", standing.role.as_str(), u8::from(standing.verified))
         };
@@ -123,41 +133,30 @@ impl Authenticator {
         Ok(standing)
     }
 
-    /// Cache value: `<role>|<sessions valid after, ms>|<verified 0/1>`.
     async fn session_standing(&self, user_id: Uuid, auth_time_ms: i64) -> Result<Standing, sea_orm::DbErr> {
         let key = self.user_key(user_id);
-        let cached = self.cached(&key).await.and_then(|value| {
-            let mut parts = value.split('|');
-            let role = Role::parse(parts.next()?);
-            let valid_after: i64 = parts.next()?.parse().ok()?;
-            let verified = parts.next()? == "1";
-            Some((role, valid_after, verified))
-        });
-        let (role, valid_after, verified) = match cached {
-            Some(found) => found,
-            None => {
-                let row = self
-                    .db
-                    .query_one_raw(Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        r#"SELECT role, (EXTRACT(EPOCH FROM sessions_valid_after) * 1000)::bigint AS valid_after,
-                                  email_verified_at IS NOT NULL AS verified
-                             FROM users WHERE id = $1"#,
-                        [user_id.into()],
-                    ))
-                    .await?;
-                let Some(row) = row else {
-                    return Ok(Standing { role: Role::User, verified: false, revoked: true });
-                };
-                let found = (
-                    Role::parse(&row.try_get::<String>("", "role")?),
-                    row.try_get::<i64>("", "valid_after")?,
-                    row.try_get::<bool>("", "verified")?,
-                );
-                self.cache(&key, &format!("{}|{}|{}", found.0.as_str(), found.1, u8::from(found.2))).await;
-                found
-            }
+        if let Some(standing) =
+            self.cached(&key).await.as_deref().and_then(|value| parse_session_standing(value, auth_time_ms))
+        {
+            return Ok(standing);
+        }
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                r#"SELECT role, (EXTRACT(EPOCH FROM sessions_valid_after) * 1000)::bigint AS valid_after,
+                          email_verified_at IS NOT NULL AS verified
+                     FROM users WHERE id = $1"#,
+                [user_id.into()],
+            ))
+            .await?;
+        let Some(row) = row else {
+            return Ok(Standing::REVOKED);
         };
+        let role = Role::parse(&row.try_get::<String>("", "role")?);
+        let valid_after: i64 = row.try_get("", "valid_after")?;
+        let verified: bool = row.try_get("", "verified")?;
+        self.cache(&key, &format!("{}|{valid_after}|{}", role.as_str(), u8::from(verified))).await;
         Ok(Standing { role, verified, revoked: auth_time_ms < valid_after })
     }
 
@@ -178,5 +177,72 @@ impl Authenticator {
         for token_id in token_ids {
             let _ = self.redis.query::<()>(redis::cmd("DEL").arg(self.api_token_key(*token_id))).await;
         }
+    }
+}
+
+fn outcome(verified: VerifiedToken, standing: Result<Standing, sea_orm::DbErr>) -> AuthOutcome {
+    match standing {
+        Ok(standing) if standing.revoked => AuthOutcome::Refused(AuthFailure::RevokedToken),
+        Ok(standing) => AuthOutcome::Authenticated(Principal {
+            user_id: verified.user_id,
+            role: standing.role,
+            kind: verified.kind,
+            token_id: verified.token_id,
+            scopes: verified.scopes,
+            email_verified: standing.verified,
+        }),
+        Err(error) => {
+            tracing::error!(error.cause_chain = ?error, "cannot check token revocation");
+            AuthOutcome::Unavailable
+        }
+    }
+}
+
+/// An API token's cached standing: `revoked`, or `ok|<role>|<verified 0/1>`.
+fn parse_api_token_standing(value: &str) -> Option<Standing> {
+    if value == REVOKED {
+        return Some(Standing::REVOKED);
+    }
+    let mut parts = value.split('|');
+    if parts.next()? != "ok" {
+        return None;
+    }
+    let role = Role::parse(parts.next()?);
+    let verified = parts.next()? == "1";
+    Some(Standing { role, verified, revoked: false })
+}
+
+/// A user's cached standing, for session tokens: `<role>|<sessions valid after, ms>|<verified 0/1>`.
+fn parse_session_standing(value: &str, auth_time_ms: i64) -> Option<Standing> {
+    let mut parts = value.split('|');
+    let role = Role::parse(parts.next()?);
+    let valid_after: i64 = parts.next()?.parse().ok()?;
+    let verified = parts.next()? == "1";
+    Some(Standing { role, verified, revoked: auth_time_ms < valid_after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_standings_parse_and_garbage_does_not() {
+        assert_eq!(parse_api_token_standing("revoked"), Some(Standing::REVOKED));
+        assert_eq!(
+            parse_api_token_standing("ok|operator|1"),
+            Some(Standing { role: Role::Operator, verified: true, revoked: false })
+        );
+        assert_eq!(parse_api_token_standing("user|0|1"), None, "a session's value under a token's key");
+        assert_eq!(parse_api_token_standing("ok|user"), None);
+        assert_eq!(
+            parse_session_standing("user|1000|0", 999),
+            Some(Standing { role: Role::User, verified: false, revoked: true }),
+            "a session from before the cut-off"
+        );
+        assert_eq!(
+            parse_session_standing("user|1000|1", 1000),
+            Some(Standing { role: Role::User, verified: true, revoked: false })
+        );
+        assert_eq!(parse_session_standing("user|soon|1", 1000), None);
     }
 }

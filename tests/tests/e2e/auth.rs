@@ -264,6 +264,7 @@ async fn repeated_failed_logins_lock_the_account_for_a_while() {
 async fn rate_limits_show_in_headers_and_answer_429_past_the_burst() {
     let mut settings = test_settings().await;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 60, burst: 5 };
+    settings.rate_limit.operator = spool_shared::config::Quota { per_minute: 60, burst: 7 };
     let app = TestApp::start(settings, no_worker()).await;
     let mut remaining = Vec::new();
     for _ in 0..5 {
@@ -282,6 +283,16 @@ async fn rate_limits_show_in_headers_and_answer_429_past_the_burst() {
     // Another token has its own bucket.
     let (_, other) = app.new_user_with_token(&[Scope::JobsRead]).await;
     assert_eq!(get(&app, "/v1/jobs", &other).await.status(), StatusCode::OK);
+
+    // An operator's token gets the operator quota: on the first request, whose standing
+    // comes from PostgreSQL, and on the next ones, read from Redis with the quota.
+    let operator = app.new_operator_token().await;
+    for expected_remaining in ["6", "5", "4"] {
+        let response = get(&app, "/v1/admin/dead-letters", &operator).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["ratelimit-limit"], "7");
+        assert_eq!(response.headers()["ratelimit-remaining"], expected_remaining);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
