@@ -49,8 +49,10 @@ async fn one(app: &TestApp, client: Client, model: &str, i: usize) -> f64 {
         Client::PreferWait => {
             let request = app.client.post(app.url("/v1/jobs")).bearer_auth(&app.token).header("Prefer", "wait=60");
             let response = request.json(&body).send().await.unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
+            let status = response.status();
+            let job = response.json::<Value>().await.unwrap();
+            assert_eq!(status, 200, "{job}");
+            job
         }
     };
     assert_eq!(job["status"], "succeeded", "{job}");
