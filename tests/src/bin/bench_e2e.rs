@@ -157,7 +157,7 @@ fn saturation_clients() -> Vec<usize> {
 
 #[tokio::main]
 async fn main() {
-    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(4_000);
     let saturation_only = std::env::var("BENCH_SATURATION_ONLY").is_ok_and(|v| v == "1");
     let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "digits-cnn,minilm-embed".into());
     for model in ["digits-cnn", "minilm-embed"].into_iter().filter(|m| models.split(',').any(|x| x == *m)) {
