@@ -153,8 +153,12 @@ async fn consume_session(
         }
         // An idle model runs what is already here at once: waiting for company only pays
         // while another batch holds the model, as this one could not start before it ends.
-        let others_running = context.batches_in_flight - 1 - slots.available_permits();
-        let max_delay = if others_running == 0 { Duration::ZERO } else { policy.max_delay };
+        // Asked when the first message arrives: the batch spawned just before this wait
+        // is usually done by then (deciding earlier cost every job at 50/s the full delay).
+        let max_delay = || {
+            let others_running = context.batches_in_flight - 1 - slots.available_permits();
+            if others_running == 0 { Duration::ZERO } else { policy.max_delay }
+        };
         let Some(items) = next_batch(&mut deliveries, policy.max_size, max_delay, shutdown).await else {
             break;
         };
