@@ -249,6 +249,19 @@ impl TestApp {
         }
     }
 
+    /// Stops the dispatcher, the worker and the API, and closes the test's own pool, so
+    /// a process that starts one app after another (the benchmarks) does not use up
+    /// PostgreSQL's connections.
+    pub async fn stop(mut self) {
+        if let Some((shutdown, task)) = self.dispatcher.take() {
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+        self.stop_worker().await;
+        self.stop_api().await;
+        let _ = self.db.close_by_ref().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }

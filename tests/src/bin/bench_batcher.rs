@@ -26,7 +26,7 @@ async fn run(max_batch_size: Option<usize>, clients: usize, seconds: u64) -> (f6
     settings.worker.max_batch_size = max_batch_size;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
     settings.rate_limit.batch_jobs = settings.rate_limit.user;
-    let mut app = Arc::new(
+    let app = Arc::new(
         TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await,
     );
     let done = Arc::new(AtomicUsize::new(0));
@@ -68,9 +68,9 @@ async fn run(max_batch_size: Option<usize>, clients: usize, seconds: u64) -> (f6
         .try_get("", "mean")
         .unwrap();
     let jobs = done.load(Ordering::Relaxed);
-    if let Some(app) = Arc::get_mut(&mut app) {
-        app.stop_worker().await;
-    }
+    drop(tasks);
+    let Ok(app) = Arc::try_unwrap(app) else { panic!("every client task has ended, and with it its handle") };
+    app.stop().await;
     (jobs as f64 / elapsed, mean, jobs)
 }
 

@@ -146,6 +146,10 @@ async fn scenario(model: &'static str, client_kind: Client, load: Load, jobs: us
         pct(&running, 0.5),
         pct(&running, 0.99),
     );
+    // Each scenario starts its own app: stop this one so its connections are returned.
+    drop(tasks);
+    let Ok(app) = Arc::try_unwrap(app) else { panic!("every client task has ended, and with it its handle") };
+    app.stop().await;
 }
 
 /// Client counts for the saturation runs (`BENCH_CLIENTS`, default `64,256`): 64 leaves
