@@ -18,8 +18,9 @@ pub mod webhooks;
 pub use config::Settings;
 
 /// Every Spool binary links this crate, so this is their allocator. Under load glibc's
-/// malloc and free took a sixth of the API's and worker's CPU (tokio tasks allocate on one
-/// thread and free on another); mimalloc handles that pattern far better. Built without
-/// transparent huge pages (`no_thp`), which doubled the idle API's resident memory.
+/// malloc and free took a sixth of the CPU of an in-process API, worker and their clients
+/// (tokio tasks allocate on one thread and free on another); with mimalloc the same load
+/// ran 10–20% faster (docs/BENCHMARKS.md). Built without transparent huge pages
+/// (`no_thp`), which doubled the idle API's resident memory.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 /// Waits for the first item, then collects up to `max_size` items or until `max_delay()`
 /// has passed since the first one arrived. `max_delay` is asked when the first item
 /// arrives, not before the wait: whether company is worth waiting for depends on what
-/// else is running then. Returns `None` once the stream has ended and
-/// nothing is left (a final partial batch is returned first), or when `stop` fires
-/// while no batch has started: a batch already started is always completed.
+/// else is running then. Returns `None` once the stream has ended and nothing is left
+/// (a final partial batch is returned first), or when `stop` fires while no batch has
+/// started: a batch already started is always completed.
 pub async fn next_batch<S, T>(
     stream: &mut S,
     max_size: usize,
