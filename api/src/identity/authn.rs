@@ -5,7 +5,7 @@
 //! overwrites the cache at once, so every API instance sees it on its next request.
 //! When Redis is unreachable, PostgreSQL is asked: revocation never fails open.
 //! The middleware reads the cached standing in the same round trip as the rate limit
-//! (`RateLimiter::gate`) and comes here only on a miss.
+//! (`RateLimiter::gate`) and asks PostgreSQL here only on a miss.
 
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ impl Authenticator {
     }
 
     /// The outcome from a cached standing the caller read (`standing_key`); `None` when
-    /// the value does not parse, so the caller asks again with `authenticate_verified`.
+    /// the value does not parse, so the caller asks `authenticate_from_database`.
     pub fn from_cached(&self, verified: VerifiedToken, cached: &str) -> Option<AuthOutcome> {
         let standing = match verified.kind {
             TokenKind::Api => parse_api_token_standing(cached)?,
@@ -68,8 +68,9 @@ impl Authenticator {
         Some(outcome(verified, Ok(standing)))
     }
 
-    /// Reads the cached standing, or asks PostgreSQL (and caches its answer).
-    pub async fn authenticate_verified(&self, verified: VerifiedToken) -> AuthOutcome {
+    /// Asks PostgreSQL, when the caller found no usable standing cached (or Redis is
+    /// down), and caches the answer for the next requests.
+    pub async fn authenticate_from_database(&self, verified: VerifiedToken) -> AuthOutcome {
         let standing = match verified.kind {
             TokenKind::Api => self.api_token_standing(verified.token_id, verified.user_id).await,
             TokenKind::Session => self.session_standing(verified.user_id, verified.auth_time_ms).await,
@@ -85,10 +86,6 @@ impl Authenticator {
         self.redis.key(&format!("user:{user_id}"))
     }
 
-    async fn cached(&self, key: &str) -> Option<String> {
-        self.redis.query::<Option<String>>(redis::cmd("GET").arg(key)).await.ok().flatten()
-    }
-
     async fn cache(&self, key: &str, value: &str) {
         let ttl = self.cache_ttl.as_secs().max(1);
         if let Err(error) = self.redis.query::<()>(redis::cmd("SET").arg(key).arg(value).arg("EX").arg(ttl)).await {
@@ -98,10 +95,7 @@ impl Authenticator {
 
     async fn api_token_standing(&self, token_id: Uuid, user_id: Uuid) -> Result<Standing, sea_orm::DbErr> {
         let key = self.api_token_key(token_id);
-        if let Some(standing) = self.cached(&key).await.as_deref().and_then(parse_api_token_standing) {
-            return Ok(standing);
-        }
-        // Cache miss (or Redis down): ask PostgreSQL, and note the use while at it.
+        // Note the use while at it.
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
@@ -135,11 +129,6 @@ impl Authenticator {
 
     async fn session_standing(&self, user_id: Uuid, auth_time_ms: i64) -> Result<Standing, sea_orm::DbErr> {
         let key = self.user_key(user_id);
-        if let Some(standing) =
-            self.cached(&key).await.as_deref().and_then(|value| parse_session_standing(value, auth_time_ms))
-        {
-            return Ok(standing);
-        }
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(

@@ -70,7 +70,7 @@ pub async fn admit(
         let authenticated = matches!(outcome, AuthOutcome::Authenticated(_));
         return (outcome, decision.filter(|_| authenticated));
     }
-    let outcome = authenticator.authenticate_verified(verified).await;
+    let outcome = authenticator.authenticate_from_database(verified).await;
     let decision = match &outcome {
         AuthOutcome::Authenticated(principal) => {
             let quota = if principal.role == Role::Operator { limits.operator } else { limits.user };
