@@ -38,15 +38,16 @@ const TAKE: &str = "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), t
 /// KEYS[1]: the token's cached standing (`Authenticator::standing_key`); KEYS[2]: its
 /// bucket. ARGV: interval and burst for users, then for operators. Reads the standing
 /// and, unless it is missing or `revoked`, takes one cell with the quota of the role it
-/// names (a `|`-separated field). Returns {standing or '', GCRA's four numbers if taken}.
+/// names (a `|`-separated field). Returns {standing or '', then, if a cell was taken,
+/// 1 when the operator quota applied (else 0) and GCRA's four numbers}.
 /// One round trip instead of two on every authenticated request.
 const GATE: &str = r#"
 local standing = redis.call('GET', KEYS[1])
 if not standing or standing == 'revoked' then return {standing or ''} end
-local quota = 1
-if string.find('|' .. standing .. '|', '|operator|', 1, true) then quota = 3 end
-local decision = gcra(KEYS[2], tonumber(ARGV[quota]), tonumber(ARGV[quota + 1]), 1)
-return {standing, decision[1], decision[2], decision[3], decision[4]}
+local operator = 0
+if string.find('|' .. standing .. '|', '|operator|', 1, true) then operator = 1 end
+local decision = gcra(KEYS[2], tonumber(ARGV[1 + 2 * operator]), tonumber(ARGV[2 + 2 * operator]), 1)
+return {standing, operator, decision[1], decision[2], decision[3], decision[4]}
 "#;
 
 /// The outcome of one check, for the `RateLimit-*` headers.
@@ -102,8 +103,14 @@ impl RateLimiter {
             return Gate::NotCached;
         }
         let numbers: Vec<i64> = reply[1..].iter().filter_map(|v| redis::from_redis_value_ref(v).ok()).collect();
-        let quota = if standing.split('|').any(|field| field == "operator") { operator } else { user };
-        Gate::Cached { decision: decision(quota, &numbers), standing }
+        // The script says which quota it applied; `None` when it took no cell (revoked).
+        let decision = match numbers.split_first() {
+            Some((&applied_operator, gcra_reply)) => {
+                decision(if applied_operator == 1 { operator } else { user }, gcra_reply)
+            }
+            None => None,
+        };
+        Gate::Cached { decision, standing }
     }
 
     /// Takes one request from `bucket`'s quota. `None` when Redis is unreachable

@@ -313,24 +313,17 @@ pub async fn ensure_job_secret(db: &DatabaseConnection, sealer: &SecretSealer, o
 
 /// The account's secret for per-job webhooks, created on first use.
 pub async fn job_secret(db: &DatabaseConnection, sealer: &SecretSealer, owner_id: Uuid) -> Result<String, ApiError> {
-    let owner = SecretOwner::Account(owner_id);
-    let sealed = sealer.seal(&new_secret(), owner)?;
+    ensure_job_secret(db, sealer, owner_id).await?;
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            // Writes only the first time.
-            "WITH created AS (
-                 UPDATE users SET webhook_secret = $2 WHERE id = $1 AND webhook_secret IS NULL
-                 RETURNING webhook_secret)
-             SELECT webhook_secret FROM created
-             UNION ALL
-             SELECT webhook_secret FROM users WHERE id = $1 AND webhook_secret IS NOT NULL",
-            [owner_id.into(), sealed.into()],
+            "SELECT webhook_secret FROM users WHERE id = $1",
+            [owner_id.into()],
         ))
         .await?
         .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("the caller's account is missing")))?;
     let stored: String = row.try_get("", "webhook_secret")?;
-    Ok(sealer.open(&stored, owner)?)
+    Ok(sealer.open(&stored, SecretOwner::Account(owner_id))?)
 }
 
 /// A new secret for the account's per-job webhooks; the old one keeps signing
