@@ -45,6 +45,10 @@ pub enum ApiError {
     InvalidInput(Vec<FieldError>),
     #[error("{0}")]
     InvalidRequest(String),
+    /// A body that is not JSON or does not fit the operation's type. `errors` points at
+    /// the field when one could be found; `detail` is the parser's own message.
+    #[error("{}", if errors.is_empty() { detail.clone() } else { format!("invalid body: {}", describe(errors)) })]
+    InvalidBody { detail: String, errors: Vec<FieldError> },
     /// A query or path parameter out of its range (one that does not parse at all is
     /// refused by poem-openapi with the same code).
     #[error("{0}")]
@@ -184,7 +188,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::InvalidRequest(_) | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) | Self::InvalidBody { .. } | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::JobNotFound => StatusCode::NOT_FOUND,
             Self::IdempotencyConflict | Self::NotCancelable(_) | Self::EmailTaken => StatusCode::CONFLICT,
             Self::Unauthorized(_) | Self::BadCredentials => StatusCode::UNAUTHORIZED,
@@ -203,6 +207,7 @@ impl ApiError {
         match self {
             Self::InvalidInput(_) => "invalid_input",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidBody { .. } => "invalid_body",
             Self::InvalidParameter(_) => "invalid_parameter",
             Self::ModelNotFound(_) => "model_not_found",
             Self::JobNotFound => "job_not_found",
@@ -235,6 +240,7 @@ impl ApiError {
         };
         let errors = match self {
             Self::InvalidInput(errors) => Some(errors.clone()),
+            Self::InvalidBody { errors, .. } if !errors.is_empty() => Some(errors.clone()),
             _ => None,
         };
         problem(status, self.code(), detail, errors)

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod batches;
+pub mod body;
 pub mod catalog;
 pub mod completions;
 pub mod error;

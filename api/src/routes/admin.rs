@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::ApiTags;
 use crate::admin::{self, DeadLetterFilter, RequeueSelector};
 use crate::auth::BearerAuth;
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -237,7 +238,7 @@ impl AdminApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        body: Json<RequeueRequest>,
+        body: JsonBody<RequeueRequest>,
     ) -> Result<AffectedResponse, ApiError> {
         auth.0.require_operator()?;
         let selector = RequeueSelector::parse(body.0.ids, body.0.model, body.0.all)?;

@@ -9,6 +9,7 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::ApiTags;
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::identity::accounts::{self, Email};
 use crate::identity::passwords::NewPassword;
@@ -117,7 +118,7 @@ impl AuthApi {
     async fn register(
         &self,
         state: Data<&AppState>,
-        body: Json<RegisterRequest>,
+        body: JsonBody<RegisterRequest>,
     ) -> Result<RegisterResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let password = NewPassword::parse(body.0.password)?;
@@ -127,14 +128,14 @@ impl AuthApi {
 
     /// Verify an email address with the token from the mail
     #[oai(path = "/verify-email", method = "post", operation_id = "verify_email")]
-    async fn verify_email(&self, state: Data<&AppState>, body: Json<TokenBody>) -> Result<DoneResponse, ApiError> {
+    async fn verify_email(&self, state: Data<&AppState>, body: JsonBody<TokenBody>) -> Result<DoneResponse, ApiError> {
         accounts::verify_email(&state, &body.0.token).await?;
         Ok(DoneResponse::Done)
     }
 
     /// Send the verification mail again
     #[oai(path = "/verify-email/resend", method = "post", operation_id = "resend_verification")]
-    async fn resend(&self, state: Data<&AppState>, body: Json<EmailBody>) -> Result<AcceptedResponse, ApiError> {
+    async fn resend(&self, state: Data<&AppState>, body: JsonBody<EmailBody>) -> Result<AcceptedResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         accounts::resend_verification(&state, &email).await?;
         Ok(AcceptedResponse::Accepted)
@@ -149,7 +150,7 @@ impl AuthApi {
         &self,
         state: Data<&AppState>,
         remote: &RemoteAddr,
-        body: Json<LoginRequest>,
+        body: JsonBody<LoginRequest>,
     ) -> Result<LoginResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let ip = remote.as_socket_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
@@ -163,7 +164,7 @@ impl AuthApi {
 
     /// Ask for a password reset mail (202 whether or not the account exists)
     #[oai(path = "/password/forgot", method = "post", operation_id = "forgot_password")]
-    async fn forgot(&self, state: Data<&AppState>, body: Json<EmailBody>) -> Result<AcceptedResponse, ApiError> {
+    async fn forgot(&self, state: Data<&AppState>, body: JsonBody<EmailBody>) -> Result<AcceptedResponse, ApiError> {
         // A malformed address is refused, as everywhere: saying so reveals no account,
         // and a typo would otherwise wait for a mail that never comes.
         let email = Email::parse(&body.0.email)?;
@@ -173,7 +174,7 @@ impl AuthApi {
 
     /// Set a new password with the token from the mail; signs out every session
     #[oai(path = "/password/reset", method = "post", operation_id = "reset_password")]
-    async fn reset(&self, state: Data<&AppState>, body: Json<ResetRequest>) -> Result<DoneResponse, ApiError> {
+    async fn reset(&self, state: Data<&AppState>, body: JsonBody<ResetRequest>) -> Result<DoneResponse, ApiError> {
         let password = NewPassword::parse(body.0.new_password)?;
         accounts::reset_password(&state, &body.0.token, password).await?;
         Ok(DoneResponse::Done)

@@ -15,6 +15,7 @@ use super::ApiTags;
 use super::jobs::job_webhook;
 use crate::auth::{BearerAuth, Scope};
 use crate::batches::{self, BatchItem, BatchOptions, Submission};
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::jobs::IdempotencyKey;
 use crate::state::AppState;
@@ -45,7 +46,7 @@ pub struct CreateBatchRequest {
 #[derive(ApiRequest)]
 pub enum CreateBatchBody {
     /// `{model, items: [{input, custom_id?}], webhook?, webhook_events?}`
-    Json(Json<CreateBatchRequest>),
+    Json(JsonBody<CreateBatchRequest>),
     /// One `{input, custom_id?}` per line; the model goes in the `model` query parameter.
     #[oai(content_type = "application/x-ndjson")]
     Ndjson(Binary<Vec<u8>>),
@@ -146,7 +147,7 @@ impl BatchesApi {
         auth.0.require_api(Scope::JobsWrite)?;
         let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
         let (model, items, webhook, events) = match body {
-            CreateBatchBody::Json(Json(request)) => {
+            CreateBatchBody::Json(JsonBody(request)) => {
                 let items =
                     request.items.into_iter().map(|i| BatchItem { input: i.input, custom_id: i.custom_id, line: None });
                 (request.model, items.collect(), request.webhook, request.webhook_events)

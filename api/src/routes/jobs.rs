@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::ApiTags;
 use super::webhooks::{DeliveryList, DeliveryListResponse};
 use crate::auth::{BearerAuth, Scope};
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::jobs::{self, IdempotencyKey, JobOptions, JobWebhook, ListQuery, Submission};
 use crate::state::AppState;
@@ -218,7 +219,7 @@ impl JobsApi {
         #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
         #[oai(name = "Prefer")] prefer: Header<Option<String>>,
         request_id: Data<&ReqId>,
-        body: Json<SubmitJobRequest>,
+        body: JsonBody<SubmitJobRequest>,
     ) -> Result<SubmitJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
         let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;

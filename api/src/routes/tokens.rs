@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::ApiTags;
 use crate::auth::BearerAuth;
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::identity::tokens::{self, TokenLifetime};
 use crate::state::AppState;
@@ -93,7 +94,7 @@ impl TokensApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        body: Json<CreateTokenRequest>,
+        body: JsonBody<CreateTokenRequest>,
     ) -> Result<CreateTokenResponse, ApiError> {
         auth.0.require_session()?;
         let lifetime = TokenLifetime::parse(&body.0.expires_in, state.settings.auth.allow_never_expiring_tokens)?;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::ApiTags;
 use crate::auth::{BearerAuth, Scope};
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::webhooks;
@@ -193,7 +194,7 @@ impl WebhooksApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        body: Json<CreateWebhookRequest>,
+        body: JsonBody<CreateWebhookRequest>,
     ) -> Result<CreateWebhookResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
         let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
@@ -233,7 +234,7 @@ impl WebhooksApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<String>,
-        body: Json<UpdateWebhookRequest>,
+        body: JsonBody<UpdateWebhookRequest>,
     ) -> Result<WebhookResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
         let id = parse_id(&id.0)?;

@@ -312,6 +312,31 @@ async fn bad_inputs_are_422_problems_naming_the_field() {
     let problem: Value = malformed.json().await.unwrap();
     assert_eq!(problem["code"], "invalid_body");
 
+    // A body that is JSON but not the request's shape: the problem points at the field.
+    for (body, pointer, detail) in [
+        (json!({"input": {"pixels": [0]}}), "/model", "is required"),
+        (json!({"model": ["digits-cnn"], "input": {}}), "/model", "must be a string"),
+        (
+            json!({"model": "digits-cnn", "input": {}, "start_within_secs": 0}),
+            "/start_within_secs",
+            "must be at least 1",
+        ),
+        (
+            json!({"model": "digits-cnn", "input": {}, "webhook_events": "completed"}),
+            "/webhook_events",
+            "must be an array",
+        ),
+        (json!(["digits-cnn"]), "", "must be an object"),
+    ] {
+        let response = app.post_job(&body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_body", "{problem}");
+        assert_eq!(problem["errors"][0]["pointer"], pointer, "{problem}");
+        assert_eq!(problem["errors"][0]["detail"], detail, "{problem}");
+        assert_eq!(problem["detail"], format!("invalid body: {pointer} {detail}"), "{problem}");
+    }
+
     // An oversized body is refused from its Content-Length, before it is read: send
     // only the head, as a client would that waits for an early answer.
     let head = format!(
