@@ -303,6 +303,7 @@ impl ApiResponse for ApiError {
             (404, "The resource does not exist or is not yours"),
             (409, "Conflict with the resource's current state"),
             (413, "The body is too large"),
+            (415, "The Content-Type is not one the operation takes"),
             (422, "The input does not match the model's schema"),
             (429, "Too many requests; see Retry-After"),
             (503, "A dependency is unavailable; retry later"),

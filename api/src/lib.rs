@@ -2,6 +2,7 @@
 //! list models; jobs are committed to PostgreSQL and published to RabbitMQ.
 
 pub mod admin;
+pub mod allowed_methods;
 pub mod auth;
 pub mod batches;
 pub mod body;
@@ -36,6 +37,7 @@ use spool_shared::sealing::SecretSealer;
 use spool_shared::{Settings, db};
 use tokio_util::sync::CancellationToken;
 
+use crate::allowed_methods::AllowedMethods;
 use crate::auth::{TokenSigner, TokenVerifier};
 use crate::catalog::ModelCatalog;
 use crate::completions::CompletionWaiters;
@@ -182,6 +184,7 @@ pub fn openapi_service() -> OpenApiService<Apis, ()> {
 
 fn endpoint(state: AppState) -> impl Endpoint {
     let api = openapi_service();
+    let allowed_methods = Arc::new(AllowedMethods::from_spec(&serde_json::from_str(&api.spec()).unwrap_or_default()));
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     let metrics = telemetry::metrics_handle();
@@ -205,14 +208,24 @@ fn endpoint(state: AppState) -> impl Endpoint {
         })
         .data(state)
         .catch_all_error(error::problem_from_poem)
-        .around(|endpoint, request| async move {
-            let method = request.method().to_string();
-            let started = Instant::now();
-            let response = endpoint.get_response(request).await;
-            let status = response.status().as_u16().to_string();
-            metrics::histogram!("spool_http_request_duration_seconds", "method" => method, "status" => status)
-                .record(started.elapsed().as_secs_f64());
-            Ok(response)
+        // Every response: the `Allow` header a 405 must carry, and the request's duration.
+        .around(move |endpoint, request| {
+            let allowed_methods = Arc::clone(&allowed_methods);
+            async move {
+                let method = request.method().to_string();
+                let uri = request.uri().clone();
+                let started = Instant::now();
+                let mut response = endpoint.get_response(request).await;
+                if response.status() == StatusCode::METHOD_NOT_ALLOWED
+                    && let Some(allow) = allowed_methods.for_path(uri.path())
+                {
+                    response.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
+                }
+                let status = response.status().as_u16().to_string();
+                metrics::histogram!("spool_http_request_duration_seconds", "method" => method, "status" => status)
+                    .record(started.elapsed().as_secs_f64());
+                Ok(response)
+            }
         })
         .with(RequestId::with_header_name(REQUEST_ID).reuse_id(ReuseId::Use))
         .around(|endpoint, mut request| async move {

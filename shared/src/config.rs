@@ -114,8 +114,6 @@ pub struct ApiSettings {
     /// A job is only re-published by the relay once it is this old, so that the request
     /// that created it has had its chance to publish it first.
     pub outbox_grace_ms: u64,
-    /// Largest page `GET /v1/jobs` returns.
-    pub max_page_size: u64,
     /// Most items one `POST /v1/batches` may carry.
     pub max_batch_items: usize,
     /// Largest `POST /v1/batches` body, in bytes (other requests: `max_body_bytes`).
@@ -130,7 +128,6 @@ impl Default for ApiSettings {
             max_wait_secs: 60,
             outbox_interval_ms: 1_000,
             outbox_grace_ms: 5_000,
-            max_page_size: 100,
             max_batch_items: 10_000,
             max_batch_bytes: 50 * 1024 * 1024,
         }

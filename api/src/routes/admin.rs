@@ -27,6 +27,7 @@ pub struct DeadLetter {
     pub error: serde_json::Value,
     /// Every attempt: `{attempt, worker_id, started_at, finished_at, outcome, error}`.
     pub attempt_log: serde_json::Value,
+    #[oai(nullable)]
     pub failed_at: Option<DateTime<Utc>>,
 }
 
@@ -53,7 +54,9 @@ pub struct DeadLetterList {
 /// Exactly one of `ids`, `model`, or `all: true`.
 #[derive(Object)]
 pub struct RequeueRequest {
+    #[oai(nullable)]
     pub ids: Option<Vec<Uuid>>,
+    #[oai(nullable)]
     pub model: Option<String>,
     #[oai(default)]
     pub all: bool,
@@ -74,6 +77,7 @@ pub struct Worker {
     /// Breaker state (`closed`, `open`, `half_open`) of each model it serves.
     pub breakers: std::collections::BTreeMap<String, String>,
     /// Its PostgreSQL breaker: while open it takes no jobs and holds the ones in hand.
+    #[oai(nullable)]
     pub database_breaker: Option<String>,
     pub started_at: DateTime<Utc>,
     pub seen_at: DateTime<Utc>,
@@ -155,13 +159,11 @@ impl AdminApi {
         /// Failed before.
         until: Query<Option<DateTime<Utc>>>,
         /// 1–1000 (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<u64>>,
     ) -> Result<ListDeadLettersResponse, ApiError> {
         auth.0.require_operator()?;
         let limit = limit.0.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(ApiError::InvalidParameter("limit must be between 1 and 1000".into()));
-        }
         let filter =
             DeadLetterFilter { job_id: None, model: model.0, error_code: error_code.0, since: since.0, until: until.0 };
         let rows = admin::list(&state.db, &filter, limit).await?;

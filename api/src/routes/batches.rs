@@ -28,6 +28,7 @@ pub struct BatchItemRequest {
     /// The model's input, matching its input schema.
     pub input: serde_json::Value,
     /// Your own id for the item (≤ 255 characters), echoed in the results.
+    #[oai(nullable)]
     pub custom_id: Option<String>,
 }
 
@@ -36,10 +37,10 @@ pub struct CreateBatchRequest {
     pub model: String,
     pub items: Vec<BatchItemRequest>,
     /// Per-job webhook for every job of the batch; it also receives `batch.completed`.
-    #[oai(validator(max_length = 2048))]
+    #[oai(nullable, validator(max_length = 2048))]
     pub webhook: Option<String>,
     /// Which job events go to `webhook`: `started`, `completed` (default `["completed"]`).
-    #[oai(validator(max_items = 2))]
+    #[oai(nullable, validator(max_items = 2))]
     pub webhook_events: Option<Vec<String>>,
 }
 
@@ -63,6 +64,7 @@ pub struct Batch {
     pub progress: f64,
     pub created_at: DateTime<Utc>,
     /// When the last job finished.
+    #[oai(nullable)]
     pub completed_at: Option<DateTime<Utc>>,
 }
 
@@ -83,7 +85,8 @@ impl From<batches::Batch> for Batch {
 #[derive(Object)]
 pub struct BatchPage {
     pub data: Vec<Batch>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; null on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -181,14 +184,12 @@ impl BatchesApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         /// 1–100 (default 20).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
         limit: Query<Option<u64>>,
         cursor: Query<Option<String>>,
     ) -> Result<BatchListResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
-        if !(1..=100).contains(&limit) {
-            return Err(ApiError::InvalidParameter("limit must be between 1 and 100".into()));
-        }
         let after = cursor
             .0
             .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("invalid cursor".into())))

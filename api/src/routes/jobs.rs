@@ -76,27 +76,37 @@ pub struct Job {
     pub status: Status,
     pub input: serde_json::Value,
     /// The model's output once the job succeeded (its shape is the model's output schema).
+    #[oai(nullable)]
     pub output: Option<serde_json::Value>,
+    #[oai(nullable)]
     pub error: Option<JobFailure>,
     /// How many times a worker started the job.
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub started_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub completed_at: Option<DateTime<Utc>>,
     /// Milliseconds between submission and the start of the last attempt.
+    #[oai(nullable)]
     pub queue_ms: Option<f64>,
     /// Milliseconds the model took for the batch this job ran in.
+    #[oai(nullable)]
     pub inference_ms: Option<f64>,
     /// How many jobs shared the forward pass.
+    #[oai(nullable)]
     pub batch_size: Option<i32>,
     /// Failed after its last retryable attempt; an operator may requeue it.
     pub dead_lettered: bool,
     /// Not started by then: it fails with `deadline_exceeded`.
+    #[oai(nullable)]
     pub start_deadline: Option<DateTime<Utc>>,
     /// The `x-request-id` of the request that submitted the job (the worker logs it with
     /// the job's outcome).
+    #[oai(nullable)]
     pub request_id: Option<String>,
     /// The batch the job was submitted in, if any.
+    #[oai(nullable)]
     pub batch_id: Option<Uuid>,
 }
 
@@ -139,15 +149,15 @@ pub struct SubmitJobRequest {
     pub input: serde_json::Value,
     /// Time-to-start deadline in seconds (1–604800): a job not started by then fails
     /// with `deadline_exceeded` and never runs.
-    #[oai(validator(minimum(value = "1"), maximum(value = "604800")))]
+    #[oai(nullable, validator(minimum(value = "1"), maximum(value = "604800")))]
     pub start_within_secs: Option<u64>,
     /// An `https` URL (public address) to POST this job's events to, signed with the
     /// account's job webhook secret (`GET /v1/webhooks/job-secret`).
-    #[oai(validator(max_length = 2048))]
+    #[oai(nullable, validator(max_length = 2048))]
     pub webhook: Option<String>,
     /// Which events go to `webhook`: `started`, `completed` (succeeded, failed or
     /// canceled). Default `["completed"]`.
-    #[oai(validator(max_items = 2))]
+    #[oai(nullable, validator(max_items = 2))]
     pub webhook_events: Option<Vec<String>>,
 }
 
@@ -176,7 +186,8 @@ pub enum GetJobResponse {
 #[derive(Debug, Object)]
 pub struct JobPage {
     pub data: Vec<Job>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -265,7 +276,9 @@ impl JobsApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         id: Path<String>,
-        /// Seconds to wait for the job to finish (0–60).
+        /// Seconds to wait for the job to finish: 0 up to the server's `api.max_wait_secs`
+        /// (60 by default); more waits that long.
+        #[oai(validator(minimum(value = "0")))]
         wait: Query<Option<u64>>,
     ) -> Result<GetJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
@@ -290,18 +303,13 @@ impl JobsApi {
         status: Query<Option<Status>>,
         model: Query<Option<String>>,
         /// Page size, 1–100 (default 20).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
         limit: Query<Option<u64>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<ListJobsResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
-        if limit == 0 || limit > state.settings.api.max_page_size {
-            return Err(ApiError::InvalidParameter(format!(
-                "limit must be between 1 and {}",
-                state.settings.api.max_page_size
-            )));
-        }
         let after = cursor
             .0
             .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("cursor is not valid".into())))

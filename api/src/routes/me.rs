@@ -23,6 +23,7 @@ pub struct ModelUsage {
     /// the batch it ran in (the batch's time over its size).
     pub inference_ms_total: f64,
     /// Mean forward time per finished job (its share of its batch), in ms.
+    #[oai(nullable)]
     pub inference_ms_avg: Option<f64>,
     pub last_used_at: DateTime<Utc>,
 }
@@ -33,7 +34,9 @@ pub struct Usage {
     pub succeeded: i64,
     pub failed: i64,
     pub inference_ms_total: f64,
+    #[oai(nullable)]
     pub inference_ms_avg: Option<f64>,
+    #[oai(nullable)]
     pub last_used_at: Option<DateTime<Utc>>,
     pub models: Vec<ModelUsage>,
 }

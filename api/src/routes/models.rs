@@ -24,10 +24,12 @@ pub struct Model {
     pub max_batch_size: u64,
     /// Jobs waiting to run (queued, including those waiting for a retry).
     pub queue_depth: u64,
-    /// Live workers serving it; absent when Redis cannot be asked.
+    /// Live workers serving it; null when Redis cannot be asked.
+    #[oai(nullable)]
     pub workers_online: Option<u32>,
     /// `accepting`, `no_worker` (jobs still queue), `breakers_open` or `failing` (both:
-    /// submissions get `503 model_unavailable`); absent when Redis cannot be asked.
+    /// submissions get `503 model_unavailable`); null when Redis cannot be asked.
+    #[oai(nullable)]
     pub health: Option<String>,
 }
 

@@ -32,9 +32,12 @@ pub struct ApiToken {
     pub name: String,
     pub scopes: Vec<String>,
     pub created_at: DateTime<Utc>,
-    /// Absent: never expires.
+    /// Null: never expires.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub last_used_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 

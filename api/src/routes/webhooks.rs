@@ -34,14 +34,15 @@ pub struct CreateWebhookRequest {
 #[derive(Object)]
 pub struct UpdateWebhookRequest {
     /// Where to POST events: `https`, on a public address.
-    #[oai(validator(max_length = 2048))]
+    #[oai(nullable, validator(max_length = 2048))]
     pub url: Option<String>,
-    #[oai(validator(max_items = 6))]
+    #[oai(nullable, validator(max_items = 6))]
     pub events: Option<Vec<String>>,
-    #[oai(validator(max_length = 500))]
+    #[oai(nullable, validator(max_length = 500))]
     pub description: Option<String>,
     /// `true` re-enables a subscription (after a `410 Gone`, say): events from now on are
     /// delivered; those it missed are not. `false` pauses it.
+    #[oai(nullable)]
     pub enabled: Option<bool>,
 }
 
@@ -53,7 +54,9 @@ pub struct Webhook {
     pub description: String,
     /// Set when the endpoint answered `410 Gone` (or the owner paused it): nothing more
     /// is sent until `PATCH` with `"enabled": true`.
+    #[oai(nullable)]
     pub disabled_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
 }
@@ -101,19 +104,26 @@ pub struct QueuedDelivery {
 pub struct Delivery {
     /// Also the `webhook-id` header, as `msg_<id without dashes>`.
     pub id: Uuid,
+    #[oai(nullable)]
     pub subscription_id: Option<Uuid>,
+    #[oai(nullable)]
     pub job_id: Option<Uuid>,
     pub event_type: String,
     /// `pending` (waiting for its next attempt), `succeeded` or `failed` (given up).
     pub status: String,
     pub attempts: i32,
+    #[oai(nullable)]
     pub last_status_code: Option<i32>,
+    #[oai(nullable)]
     pub last_error: Option<String>,
+    #[oai(nullable)]
     pub last_latency_ms: Option<i32>,
+    #[oai(nullable)]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Every attempt: `{attempt, at, status_code, latency_ms, error}`.
     pub attempt_log: serde_json::Value,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
@@ -302,13 +312,11 @@ impl WebhooksApi {
         auth: BearerAuth,
         id: Path<String>,
         /// 1–500 (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u64>>,
     ) -> Result<DeliveryListResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
         let limit = limit.0.unwrap_or(100);
-        if !(1..=500).contains(&limit) {
-            return Err(ApiError::InvalidParameter("limit must be between 1 and 500".into()));
-        }
         let rows = webhooks::deliveries(&state.db, auth.0.user_id, parse_id(&id.0)?, limit).await?;
         Ok(DeliveryListResponse::Ok(Json(DeliveryList { data: rows.into_iter().map(Into::into).collect() })))
     }

@@ -48,6 +48,30 @@ async fn service_endpoints_answer() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     assert_eq!(unknown.headers()["content-type"], "application/problem+json");
 
+    // A method the path does not take: 405, naming the ones it does (RFC 9110).
+    let wrong_method = app.client.delete(app.url("/v1/jobs")).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.headers()["allow"], "GET, POST");
+    assert_eq!(wrong_method.json::<Value>().await.unwrap()["code"], "method_not_allowed");
+    let wrong_method = app.client.put(app.url("/v1/webhooks/job-secret")).send().await.unwrap();
+    assert_eq!(wrong_method.headers()["allow"], "GET");
+
+    // Option fields are null, and the description says they may be.
+    let page = app.get_json("/v1/jobs?limit=1").await;
+    assert!(page["next_cursor"].is_null(), "{page}");
+    assert_eq!(spec["components"]["schemas"]["JobPage"]["properties"]["next_cursor"]["nullable"], true);
+    // Parameter ranges are in the description, and enforced.
+    let limit = &spec["paths"]["/v1/jobs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap()["schema"];
+    assert_eq!((limit["minimum"].as_f64(), limit["maximum"].as_f64()), (Some(1.0), Some(100.0)), "{limit}");
+    let response = app.client.get(app.url("/v1/jobs?limit=101")).bearer_auth(&app.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_parameter");
+
     let models: Value = app.get_json("/v1/models").await;
     let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["digits-cnn", "minilm-embed"]);

@@ -5,6 +5,7 @@
 mod auth;
 mod batches;
 mod cli;
+mod contract;
 mod failures;
 mod hostile;
 mod http;
