@@ -36,9 +36,7 @@ async fn run(model: &'static str, max_batch_size: Option<usize>, clients: usize,
     settings.worker.max_batch_size = max_batch_size;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 10_000_000, burst: 1_000_000 };
     settings.rate_limit.batch_jobs = settings.rate_limit.user;
-    let app = Arc::new(
-        TestApp::start(settings, AppOptions { worker_models: vec![model], ..Default::default() }).await,
-    );
+    let app = Arc::new(TestApp::start(settings, AppOptions { worker_models: vec![model], ..Default::default() }).await);
     let done = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
@@ -94,9 +92,7 @@ async fn main() {
         let (batched, batched_mean, batched_jobs) = run(model, None, clients, seconds).await;
         let (single, single_mean, single_jobs) = run(model, Some(1), clients, seconds).await;
         println!("{model}, {clients} clients submitting one job each and waiting, {seconds} s per run, CPU:");
-        println!(
-            "  manifest batching:  {batched:.0} jobs/s ({batched_jobs} jobs), mean batch size {batched_mean:.1}"
-        );
+        println!("  manifest batching:  {batched:.0} jobs/s ({batched_jobs} jobs), mean batch size {batched_mean:.1}");
         println!("  max_batch_size 1:   {single:.0} jobs/s ({single_jobs} jobs), mean batch size {single_mean:.1}");
         println!("  batching gives {:.2}x the throughput", batched / single);
     }
