@@ -12,8 +12,7 @@ use serde_json::{Value, json};
 use spool_api::auth::{Role, Scope};
 use spool_api::identity::accounts::{self, Email};
 use spool_api::identity::passwords::NewPassword;
-use spool_shared::config::Quota;
-use spool_tests::{AppOptions, TestApp, test_settings};
+use spool_tests::{AppOptions, TestApp, lift_rate_limits, test_settings};
 
 const PASSWORD: &str = "contract-test-password-7";
 
@@ -21,10 +20,7 @@ const PASSWORD: &str = "contract-test-password-7";
 async fn every_operation_keeps_to_the_openapi_description() {
     let mut settings = test_settings().await;
     // A 429 is documented, but would keep the run from reaching the operations.
-    let generous = Quota { per_minute: 1_000_000, burst: 100_000 };
-    settings.rate_limit.user = generous;
-    settings.rate_limit.operator = generous;
-    settings.rate_limit.auth_per_ip = generous;
+    lift_rate_limits(&mut settings);
     let app = TestApp::start(settings, AppOptions { worker_models: vec!["digits-cnn"], ..Default::default() }).await;
 
     // An operator holds every scope, so every operation can answer more than 401/403.

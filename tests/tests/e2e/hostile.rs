@@ -10,8 +10,7 @@ use serde_json::Value;
 use spool_api::auth::{Role, Scope};
 use spool_api::identity::accounts::{self, Email};
 use spool_api::identity::passwords::NewPassword;
-use spool_shared::config::Quota;
-use spool_tests::{AppOptions, TestApp, test_settings};
+use spool_tests::{AppOptions, TestApp, lift_rate_limits, test_settings};
 
 /// Small, so that an oversized body is cheap to send.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -72,11 +71,7 @@ fn header_variants() -> Vec<Vec<(&'static str, String)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatever_a_client_sends_it_gets_no_5xx_and_every_4xx_is_a_problem_with_a_code() {
     let mut settings = test_settings().await;
-    // Enough quota that every request reaches its handler rather than the limiter.
-    let plenty = Quota { per_minute: 1_000_000, burst: 100_000 };
-    settings.rate_limit.user = plenty;
-    settings.rate_limit.operator = plenty;
-    settings.rate_limit.auth_per_ip = plenty;
+    lift_rate_limits(&mut settings);
     settings.api.max_body_bytes = MAX_BODY_BYTES;
     settings.api.max_batch_bytes = MAX_BODY_BYTES;
     let app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
