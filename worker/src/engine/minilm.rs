@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use spool_shared::job::JobError;
 use spool_shared::manifest::ModelSpec;
 use tch::{Device, Kind, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{Engine, EngineError, ItemResult, decode_all, invalid_input, load_module, merge};
 
@@ -14,6 +14,12 @@ const DIMENSIONS: usize = 384;
 /// sentence-transformers truncates this model at 256 tokens; the positions stop at 512.
 const DEFAULT_MAX_TOKENS: usize = 256;
 const MAX_TEXT_CHARS: usize = 8192;
+/// On the CPU a forward costs in proportion to its padded tokens, and from about this many
+/// tokens its matrix products run at full speed: a batch is split into groups of similar
+/// length, each padded to its own longest, once a group has this many.
+const CPU_GROUP_MIN_TOKENS: usize = 256;
+/// A group stops growing when padding would make it this much bigger than its tokens.
+const CPU_GROUP_MAX_PADDING: f64 = 0.25;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,9 +38,9 @@ impl MiniLmEngine {
         let path = spec.tokenizer.as_ref().ok_or_else(|| EngineError::MissingTokenizer(spec.name.clone()))?;
         let tokenizer_error = |message: String| EngineError::Tokenizer { path: path.display().to_string(), message };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| tokenizer_error(e.to_string()))?;
-        // The shipped tokenizer.json pads every batch to a fixed 128 tokens; pad to the
-        // longest text instead, and truncate where sentence-transformers does.
-        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
+        // The shipped tokenizer.json pads every batch to a fixed 128 tokens; `infer` pads
+        // each group of texts itself, and texts are truncated where sentence-transformers does.
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: spec.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(512),
@@ -62,23 +68,38 @@ impl Engine for MiniLmEngine {
         }
         let texts: Vec<&str> = decoded.iter().map(|(_, text)| text.as_str()).collect();
         let encodings = self.tokenizer.encode_batch(texts, true).map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        let rows = encodings.len() as i64;
-        let width = encodings.first().map_or(0, |e| e.get_ids().len()) as i64;
-        let mut ids = Vec::with_capacity((rows * width) as usize);
-        let mut mask = Vec::with_capacity((rows * width) as usize);
-        let mut token_counts = Vec::with_capacity(encodings.len());
-        for encoding in &encodings {
-            ids.extend(encoding.get_ids().iter().map(|&id| i64::from(id)));
-            mask.extend(encoding.get_attention_mask().iter().map(|&m| i64::from(m)));
-            token_counts.push(encoding.get_attention_mask().iter().filter(|&&m| m == 1).count());
+        let token_counts: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
+        // A GPU runs a batch padded to its longest text at little more than the cost of
+        // its tokens; on the CPU every padding token costs as much as a real one.
+        let groups = if self.device == Device::Cpu {
+            length_groups(&token_counts, CPU_GROUP_MIN_TOKENS, CPU_GROUP_MAX_PADDING)
+        } else {
+            vec![(0..token_counts.len()).collect()]
+        };
+        let mut values = vec![0f32; encodings.len() * DIMENSIONS];
+        for group in groups {
+            let width = group.iter().map(|&i| token_counts[i]).max().unwrap_or(0);
+            let mut ids = vec![0i64; group.len() * width]; // [PAD] is 0
+            let mut mask = vec![0i64; group.len() * width];
+            for (row, &i) in group.iter().enumerate() {
+                let start = row * width;
+                for (column, &id) in encodings[i].get_ids().iter().enumerate() {
+                    ids[start + column] = i64::from(id);
+                    mask[start + column] = 1;
+                }
+            }
+            let shape = [group.len() as i64, width as i64];
+            let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
+            let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
+            let embeddings = tch::no_grad(|| self.module.forward_ts(&[ids, mask]))?
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .contiguous();
+            let group_values = Vec::<f32>::try_from(embeddings.view([-1]))?;
+            for (embedding, &i) in group_values.chunks(DIMENSIONS).zip(&group) {
+                values[i * DIMENSIONS..(i + 1) * DIMENSIONS].copy_from_slice(embedding);
+            }
         }
-        let ids = Tensor::from_slice(&ids).view([rows, width]).to_device(self.device);
-        let mask = Tensor::from_slice(&mask).view([rows, width]).to_device(self.device);
-        let embeddings = tch::no_grad(|| self.module.forward_ts(&[ids, mask]))?
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .contiguous();
-        let values = Vec::<f32>::try_from(embeddings.view([-1]))?;
         let outputs = values
             .chunks(DIMENSIONS)
             .zip(token_counts)
@@ -88,5 +109,86 @@ impl Engine for MiniLmEngine {
 
     fn sample_input(&self) -> Value {
         json!({ "text": "Spool warms up this model once at start." })
+    }
+}
+
+/// Positions of the texts, shortest first, in groups to run as separate forwards: a group
+/// is closed once it holds `min_tokens` tokens and the next text would pad it to more than
+/// `1 + max_padding` times its tokens.
+fn length_groups(token_counts: &[usize], min_tokens: usize, max_padding: f64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..token_counts.len()).collect();
+    order.sort_by_key(|&i| token_counts[i]);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group: Vec<usize> = Vec::new();
+    let mut tokens = 0;
+    for i in order {
+        let length = token_counts[i];
+        let padded = length * (group.len() + 1);
+        if tokens >= min_tokens && padded as f64 > (1.0 + max_padding) * (tokens + length) as f64 {
+            groups.push(std::mem::take(&mut group));
+            tokens = 0;
+        }
+        group.push(i);
+        tokens += length;
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_of_similar_length_share_a_forward() {
+        // Small batches stay whole: splitting them would cost more than the padding.
+        assert_eq!(length_groups(&[30, 5, 12], 256, 0.25), vec![vec![1, 2, 0]]);
+        // 20 texts of 20 tokens and 10 of 120: two groups, each padded to its own longest.
+        let mut lengths = vec![20; 20];
+        lengths.extend([120; 10]);
+        let groups = length_groups(&lengths, 256, 0.25);
+        assert_eq!(groups.len(), 2);
+        assert!(groups[0].iter().all(|&i| lengths[i] == 20) && groups[0].len() == 20);
+        assert!(groups[1].iter().all(|&i| lengths[i] == 120) && groups[1].len() == 10);
+        // Every position appears exactly once.
+        let mut all: Vec<usize> = groups.concat();
+        all.sort();
+        assert_eq!(all, (0..30).collect::<Vec<_>>());
+        assert!(length_groups(&[], 256, 0.25).is_empty());
+    }
+
+    /// The real artifact (made by scripts/setup): a batch of texts of very different
+    /// lengths, run in length groups, gives each text the embedding it gets alone.
+    #[test]
+    fn a_mixed_batch_embeds_each_text_as_it_would_alone() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let manifest = spool_shared::manifest::Manifest::load(&models).unwrap();
+        let spec = manifest.models.into_iter().find(|m| m.name == "minilm-embed").unwrap();
+        let mut engine = MiniLmEngine::load(&spec, Device::Cpu).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(models.join("minilm-embed/reference.json")).unwrap())
+                .unwrap();
+        let mut inputs: Vec<Value> =
+            reference["sentences"].as_array().unwrap().iter().map(|s| json!({"text": s["text"]})).collect();
+        for words in 1..40 {
+            inputs.push(json!({"text": vec!["word"; words * 3].join(" ")}));
+        }
+        let embedding = |result: &ItemResult| -> Vec<f64> {
+            let output = result.as_ref().unwrap();
+            output["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        let together = engine.infer(&inputs).unwrap();
+        let token_counts: Vec<usize> =
+            together.iter().map(|r| r.as_ref().unwrap()["tokens"].as_u64().unwrap() as usize).collect();
+        assert!(length_groups(&token_counts, CPU_GROUP_MIN_TOKENS, CPU_GROUP_MAX_PADDING).len() > 2);
+        for (input, result) in inputs.iter().zip(&together) {
+            let alone = engine.infer(std::slice::from_ref(input)).unwrap();
+            let (a, b) = (embedding(&alone[0]), embedding(result));
+            let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!(dot > 0.99999, "{input}: cosine {dot} between alone and in the batch");
+            assert_eq!(alone[0].as_ref().unwrap()["tokens"], result.as_ref().unwrap()["tokens"]);
+        }
     }
 }
