@@ -141,7 +141,10 @@ impl BatchesApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        /// 1–255 visible ASCII characters; a retry with the same key and body is answered
+        /// with the original.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
         /// The model, for an NDJSON body.
         model: Query<Option<String>>,
         request_id: Data<&ReqId>,

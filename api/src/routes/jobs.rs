@@ -227,8 +227,14 @@ impl JobsApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
-        #[oai(name = "Prefer")] prefer: Header<Option<String>>,
+        /// 1–255 visible ASCII characters; a retry with the same key and body is answered
+        /// with the original.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        /// `wait=N`: answer when the job finishes, or after N seconds with the `202`
+        /// (N up to the server's `api.max_wait_secs`, 60 by default).
+        #[oai(name = "Prefer")]
+        prefer: Header<Option<String>>,
         request_id: Data<&ReqId>,
         body: JsonBody<SubmitJobRequest>,
     ) -> Result<SubmitJobResponse, ApiError> {
