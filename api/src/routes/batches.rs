@@ -193,10 +193,7 @@ impl BatchesApi {
     ) -> Result<BatchListResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
-        let after = cursor
-            .0
-            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("invalid cursor".into())))
-            .transpose()?;
+        let after = super::parse_cursor(cursor.0.as_deref())?;
         let mut rows = batches::list(&state.db, auth.0.user_id, limit + 1, after).await?;
         let next_cursor = if rows.len() as u64 > limit {
             rows.truncate(limit as usize);

@@ -316,10 +316,7 @@ impl JobsApi {
     ) -> Result<ListJobsResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
         let limit = limit.0.unwrap_or(20);
-        let after = cursor
-            .0
-            .map(|c| Uuid::parse_str(&c).map_err(|_| ApiError::InvalidParameter("cursor is not valid".into())))
-            .transpose()?;
+        let after = super::parse_cursor(cursor.0.as_deref())?;
         let query = ListQuery { status: status.0.map(Into::into), model: model.0, after, limit };
         let page = jobs::list(&state.db, auth.0.user_id, query).await?;
         Ok(ListJobsResponse::Ok(Json(JobPage {

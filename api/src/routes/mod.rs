@@ -11,6 +11,9 @@ pub mod tokens;
 pub mod webhooks;
 
 use poem_openapi::Tags;
+use uuid::Uuid;
+
+use crate::error::ApiError;
 
 #[derive(Tags)]
 pub enum ApiTags {
@@ -26,4 +29,15 @@ pub enum ApiTags {
     Operators,
     /// Liveness and readiness probes.
     Health,
+}
+
+/// A list's `cursor` parameter: the previous page's `next_cursor`. Empty, like absent, is
+/// the first page (scripts often send `cursor=` with nothing yet).
+fn parse_cursor(cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(cursor) => Uuid::parse_str(cursor)
+            .map(Some)
+            .map_err(|_| ApiError::InvalidParameter("cursor: not a next_cursor from this list".into())),
+    }
 }

@@ -71,6 +71,15 @@ async fn service_endpoints_answer() {
     let response = app.client.get(app.url("/v1/jobs?limit=101")).bearer_auth(&app.token).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_parameter");
+    // An empty cursor is the first page; one this API did not give is refused.
+    for list in ["/v1/jobs", "/v1/batches"] {
+        let first = app.client.get(app.url(&format!("{list}?cursor="))).bearer_auth(&app.token).send().await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK, "{list}");
+        let made_up =
+            app.client.get(app.url(&format!("{list}?cursor=page-2"))).bearer_auth(&app.token).send().await.unwrap();
+        assert_eq!(made_up.status(), StatusCode::BAD_REQUEST, "{list}");
+        assert_eq!(made_up.json::<Value>().await.unwrap()["code"], "invalid_parameter");
+    }
 
     let models: Value = app.get_json("/v1/models").await;
     let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
