@@ -107,6 +107,11 @@ pub async fn test_settings() -> Settings {
     settings
 }
 
+pub struct OperatorTokens {
+    pub api: String,
+    pub session: String,
+}
+
 /// Quotas no test reaches, so that every request gets to its handler rather than the
 /// rate limiter.
 pub fn lift_rate_limits(settings: &mut Settings) {
@@ -205,6 +210,20 @@ impl TestApp {
         let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
         let user = accounts::create_verified_user(&self.db, &email, password, Role::Operator).await.unwrap();
         self.api_token(user.id, &[Scope::Admin, Scope::JobsRead], Duration::from_secs(3600)).await
+    }
+
+    /// A new operator holding every scope, with an API token and a session token (account
+    /// and token management take a session): requests get past authorization.
+    pub async fn new_operator_with_session(&self) -> OperatorTokens {
+        let email = format!("ops-{}@example.com", Uuid::now_v7().simple());
+        let password = "correct-horse-staple-9";
+        let parsed = (Email::parse(&email).unwrap(), NewPassword::parse(password.into()).unwrap());
+        let operator = accounts::create_verified_user(&self.db, &parsed.0, parsed.1, Role::Operator).await.unwrap();
+        let api = self.api_token(operator.id, &Scope::ALL, Duration::from_secs(3600)).await;
+        let login = serde_json::json!({"email": email, "password": password});
+        let session: Value =
+            self.client.post(self.url("/v1/auth/login")).json(&login).send().await.unwrap().json().await.unwrap();
+        OperatorTokens { api, session: session["token"].as_str().unwrap().to_owned() }
     }
 
     /// An API token of an existing user, recorded in `api_tokens`, expiring after `ttl`

@@ -6,15 +6,8 @@
 //! rules refuse (an unknown model, a bad email address) are not failures.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use serde_json::{Value, json};
-use spool_api::auth::{Role, Scope};
-use spool_api::identity::accounts::{self, Email};
-use spool_api::identity::passwords::NewPassword;
 use spool_tests::{AppOptions, TestApp, lift_rate_limits, test_settings};
-
-const PASSWORD: &str = "contract-test-password-7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_keeps_to_the_openapi_description() {
@@ -24,20 +17,12 @@ async fn every_operation_keeps_to_the_openapi_description() {
     let app = TestApp::start(settings, AppOptions { worker_models: vec!["digits-cnn"], ..Default::default() }).await;
 
     // An operator holds every scope, so every operation can answer more than 401/403.
-    let email = Email::parse("contract@example.com").unwrap();
-    let password = NewPassword::parse(PASSWORD.into()).unwrap();
-    let operator = accounts::create_verified_user(&app.db, &email, password, Role::Operator).await.unwrap();
-    let scopes = [Scope::JobsRead, Scope::JobsWrite, Scope::Webhooks, Scope::Admin];
-    let api_token = app.api_token(operator.id, &scopes, Duration::from_secs(3600)).await;
-    let login = json!({"email": "contract@example.com", "password": PASSWORD});
-    let session: Value =
-        app.client.post(app.url("/v1/auth/login")).json(&login).send().await.unwrap().json().await.unwrap();
-    let session_token = session["token"].as_str().unwrap().to_owned();
+    let tokens = app.new_operator_with_session().await;
 
     // Account endpoints take a session token; everything else an API token.
     let account = "^/v1/(auth|tokens|me)";
-    schemathesis(&app, &api_token, &["--exclude-path-regex", account]).await;
-    schemathesis(&app, &session_token, &["--include-path-regex", account]).await;
+    schemathesis(&app, &tokens.api, &["--exclude-path-regex", account]).await;
+    schemathesis(&app, &tokens.session, &["--include-path-regex", account]).await;
     app.stop().await;
 }
 

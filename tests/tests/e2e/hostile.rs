@@ -3,14 +3,9 @@
 //! 5xx. Operations are read from `/openapi.json`, so a new endpoint is covered the day it
 //! is added.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::Value;
-use spool_api::auth::{Role, Scope};
-use spool_api::identity::accounts::{self, Email};
-use spool_api::identity::passwords::NewPassword;
-use spool_tests::{AppOptions, TestApp, lift_rate_limits, test_settings};
+use spool_tests::{AppOptions, OperatorTokens, TestApp, lift_rate_limits, test_settings};
 
 /// Small, so that an oversized body is cheap to send.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -76,23 +71,7 @@ async fn whatever_a_client_sends_it_gets_no_5xx_and_every_4xx_is_a_problem_with_
     settings.api.max_batch_bytes = MAX_BODY_BYTES;
     let app = TestApp::start(settings, AppOptions { worker_models: vec![], ..Default::default() }).await;
 
-    // An operator holding every scope, by API token and by session (token management
-    // takes a session), so that requests get past authorization to the parsers.
-    let email = format!("ops-{}@example.com", uuid::Uuid::now_v7().simple());
-    let password = "correct-horse-staple-9";
-    let operator = accounts::create_verified_user(
-        &app.db,
-        &Email::parse(&email).unwrap(),
-        NewPassword::parse(password.into()).unwrap(),
-        Role::Operator,
-    )
-    .await
-    .unwrap();
-    let everything = app.api_token(operator.id, &Scope::ALL, Duration::from_secs(3600)).await;
-    let login = serde_json::json!({"email": email, "password": password});
-    let session: Value =
-        app.client.post(app.url("/v1/auth/login")).json(&login).send().await.unwrap().json().await.unwrap();
-    let session = session["token"].as_str().unwrap().to_owned();
+    let OperatorTokens { api: everything, session } = app.new_operator_with_session().await;
     let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     let operations: Vec<(Method, String)> = spec["paths"]
         .as_object()
