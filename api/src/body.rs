@@ -153,14 +153,10 @@ fn locate(value: &Value, schema: &MetaSchemaRef, registry: &Registry, pointer: S
                     }
                 }
             }
-            let additional = schema.additional_properties.as_deref();
-            for (name, field) in additional.map(|_| fields.iter()).into_iter().flatten() {
-                let field_pointer = format!("{pointer}/{}", escape(name));
-                if let Some(found) = additional.and_then(|s| locate(field, s, registry, field_pointer)) {
-                    return Some(found);
-                }
-            }
-            None
+            let additional = schema.additional_properties.as_deref()?;
+            fields
+                .iter()
+                .find_map(|(name, field)| locate(field, additional, registry, format!("{pointer}/{}", escape(name))))
         }
         "array" => {
             let Some(items) = value.as_array() else { return wrong("must be an array") };
@@ -196,12 +192,16 @@ fn locate(value: &Value, schema: &MetaSchemaRef, registry: &Registry, pointer: S
             }
         }
         "integer" | "number" => {
-            let Some(number) = value.as_f64() else { return wrong(&format!("must be {}", a(schema.ty))) };
-            let unsigned = matches!(schema.format, Some(f) if f.starts_with('u'));
-            if schema.ty == "integer" && !(value.is_i64() || value.is_u64()) || unsigned && !value.is_u64() {
-                let kind = if unsigned { "a non-negative integer" } else { "an integer" };
-                return wrong(&format!("must be {kind}"));
+            let unsigned = matches!(schema.format, Some(f) if f.starts_with('u')); // uint32, uint64
+            let (fits, expected) = match (schema.ty, unsigned) {
+                ("number", _) => (value.is_number(), "a number"),
+                (_, true) => (value.is_u64(), "a non-negative integer"),
+                _ => (value.is_i64() || value.is_u64(), "an integer"),
+            };
+            if !fits {
+                return wrong(&format!("must be {expected}"));
             }
+            let number = value.as_f64()?;
             if let Some(max) = schema.maximum.filter(|max| number > *max) {
                 return wrong(&format!("may be at most {max}"));
             }
@@ -213,10 +213,6 @@ fn locate(value: &Value, schema: &MetaSchemaRef, registry: &Registry, pointer: S
         "boolean" if !value.is_boolean() => wrong("must be true or false"),
         _ => None,
     }
-}
-
-fn a(ty: &str) -> &'static str {
-    if ty == "integer" { "an integer" } else { "a number" }
 }
 
 /// RFC 6901: `~` and `/` in a key are written `~0` and `~1`.

@@ -107,6 +107,9 @@ pub async fn test_settings() -> Settings {
     settings
 }
 
+/// The password of every account the harness creates.
+pub const TEST_PASSWORD: &str = "correct-horse-staple-9";
+
 pub struct OperatorTokens {
     pub api: String,
     pub session: String,
@@ -195,32 +198,33 @@ impl TestApp {
         }
     }
 
+    /// A new verified account of `role`, with the password [`TEST_PASSWORD`]: its id and email.
+    pub async fn new_account(&self, role: Role) -> (Uuid, String) {
+        let email = format!("{role:?}-{}@example.com", Uuid::now_v7().simple()).to_lowercase();
+        let password = NewPassword::parse(TEST_PASSWORD.into()).unwrap();
+        let user =
+            accounts::create_verified_user(&self.db, &Email::parse(&email).unwrap(), password, role).await.unwrap();
+        (user.id, email)
+    }
+
     /// A new verified user and an API token of theirs with `scopes`.
     pub async fn new_user_with_token(&self, scopes: &[Scope]) -> (Uuid, String) {
-        let email = Email::parse(&format!("user-{}@example.com", Uuid::now_v7().simple())).unwrap();
-        let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
-        let user = accounts::create_verified_user(&self.db, &email, password, Role::User).await.unwrap();
-        let token = self.api_token(user.id, scopes, Duration::from_secs(3600)).await;
-        (user.id, token)
+        let (user_id, _) = self.new_account(Role::User).await;
+        (user_id, self.api_token(user_id, scopes, Duration::from_secs(3600)).await)
     }
 
     /// A new operator and an API token of theirs with the `admin` scope.
     pub async fn new_operator_token(&self) -> String {
-        let email = Email::parse(&format!("ops-{}@example.com", Uuid::now_v7().simple())).unwrap();
-        let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
-        let user = accounts::create_verified_user(&self.db, &email, password, Role::Operator).await.unwrap();
-        self.api_token(user.id, &[Scope::Admin, Scope::JobsRead], Duration::from_secs(3600)).await
+        let (operator_id, _) = self.new_account(Role::Operator).await;
+        self.api_token(operator_id, &[Scope::Admin, Scope::JobsRead], Duration::from_secs(3600)).await
     }
 
     /// A new operator holding every scope, with an API token and a session token (account
     /// and token management take a session): requests get past authorization.
     pub async fn new_operator_with_session(&self) -> OperatorTokens {
-        let email = format!("ops-{}@example.com", Uuid::now_v7().simple());
-        let password = "correct-horse-staple-9";
-        let parsed = (Email::parse(&email).unwrap(), NewPassword::parse(password.into()).unwrap());
-        let operator = accounts::create_verified_user(&self.db, &parsed.0, parsed.1, Role::Operator).await.unwrap();
-        let api = self.api_token(operator.id, &Scope::ALL, Duration::from_secs(3600)).await;
-        let login = serde_json::json!({"email": email, "password": password});
+        let (operator_id, email) = self.new_account(Role::Operator).await;
+        let api = self.api_token(operator_id, &Scope::ALL, Duration::from_secs(3600)).await;
+        let login = serde_json::json!({"email": email, "password": TEST_PASSWORD});
         let session: Value =
             self.client.post(self.url("/v1/auth/login")).json(&login).send().await.unwrap().json().await.unwrap();
         OperatorTokens { api, session: session["token"].as_str().unwrap().to_owned() }

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use spool_api::auth::Role;
-use spool_api::identity::accounts::{self, Email};
-use spool_api::identity::passwords::NewPassword;
-use spool_tests::{AppOptions, TestApp, spoolctl, spoolctl_with, test_settings};
+use spool_tests::{AppOptions, TEST_PASSWORD, TestApp, spoolctl, spoolctl_with, test_settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoolctl_dlq_lists_shows_requeues_and_purges_dead_letters() {
@@ -67,18 +65,20 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
     let app = TestApp::start(test_settings().await, AppOptions::default()).await;
     let url = app.url("");
     let home = std::env::temp_dir().join(format!("spoolctl-login-{}", uuid::Uuid::now_v7().simple()));
-    let email = format!("cli-{}@example.com", uuid::Uuid::now_v7().simple());
-    let password = NewPassword::parse("correct-horse-staple-9".into()).unwrap();
-    accounts::create_verified_user(&app.db, &Email::parse(&email).unwrap(), password, Role::User).await.unwrap();
+    let (_, email) = app.new_account(Role::User).await;
 
     // login: the password comes on stdin; the token lands in the config file, 0600.
     let wrong =
         spoolctl_with(&home, &[("SPOOL_URL", &url)], &["login", "--email", &email], Some("nope-nope-nope\n")).await;
     assert_eq!(wrong.code, 3, "{}", wrong.stderr);
     assert!(wrong.stderr.contains("invalid_credentials"), "{}", wrong.stderr);
-    let login =
-        spoolctl_with(&home, &[("SPOOL_URL", &url)], &["login", "--email", &email], Some("correct-horse-staple-9\n"))
-            .await;
+    let login = spoolctl_with(
+        &home,
+        &[("SPOOL_URL", &url)],
+        &["login", "--email", &email],
+        Some(&format!("{TEST_PASSWORD}\n")),
+    )
+    .await;
     assert_eq!(login.code, 0, "{}", login.stderr);
     let config = home.join("spool/config.toml");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
