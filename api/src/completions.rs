@@ -20,17 +20,46 @@ pub struct CompletionWaiters {
     waiting: Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>,
 }
 
+/// One request's interest in one job. Awaiting it ends when the job finishes (or when
+/// the listener reconnects and cannot know what it missed). Dropping it, however the
+/// request ends (answered, timed out, refused, disconnected), takes its entry out of the
+/// map: otherwise waits for jobs that never finish (a wrong id) would pile up there.
+pub struct Waiter {
+    waiters: CompletionWaiters,
+    job_id: Uuid,
+    finished: Option<oneshot::Receiver<()>>,
+}
+
+impl Waiter {
+    pub async fn finished(&mut self) {
+        if let Some(finished) = self.finished.as_mut() {
+            let _ = finished.await;
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        drop(self.finished.take()); // closes this waiter's sender, which `forget` looks for
+        self.waiters.forget(self.job_id);
+    }
+}
+
 impl CompletionWaiters {
-    /// Registers interest in one job; the receiver fires when it finishes (or when the
-    /// listener reconnects and cannot know what it missed).
-    pub fn subscribe(&self, job_id: Uuid) -> oneshot::Receiver<()> {
+    /// Registers interest in one job, until the returned waiter is dropped.
+    pub fn subscribe(&self, job_id: Uuid) -> Waiter {
         let (tx, rx) = oneshot::channel();
         self.lock().entry(job_id).or_default().push(tx);
-        rx
+        Waiter { waiters: self.clone(), job_id, finished: Some(rx) }
     }
 
-    /// Drops the senders of waiters that gave up (timed out or disconnected).
-    pub fn forget(&self, job_id: Uuid) {
+    #[cfg(test)]
+    fn jobs_waited_on(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Drops the senders of waiters that gave up.
+    fn forget(&self, job_id: Uuid) {
         let mut waiting = self.lock();
         if let Some(senders) = waiting.get_mut(&job_id) {
             senders.retain(|s| !s.is_closed());
@@ -73,5 +102,33 @@ impl CompletionWaiters {
             _ = shutdown.cancelled() => {}
             _ = db::listen_forever(&db, JOB_DONE_CHANNEL, || self.wake_all(), wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_leaves_the_map_however_it_ends() {
+        let waiters = CompletionWaiters::default();
+        let (job, other_job) = (Uuid::now_v7(), Uuid::now_v7());
+
+        // Given up (a wrong id, a timeout, a client gone): dropped unwoken.
+        drop(waiters.subscribe(job));
+        assert_eq!(waiters.jobs_waited_on(), 0);
+
+        // Two requests wait for one job; one gives up, the other is still woken.
+        let mut staying = waiters.subscribe(job);
+        let leaving = waiters.subscribe(job);
+        let _elsewhere = waiters.subscribe(other_job);
+        drop(leaving);
+        assert_eq!(waiters.jobs_waited_on(), 2);
+        waiters.wake(job);
+        tokio::time::timeout(Duration::from_secs(1), staying.finished()).await.expect("woken");
+        drop(staying);
+        assert_eq!(waiters.jobs_waited_on(), 1, "only the other job's waiter is left");
     }
 }

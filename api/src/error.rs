@@ -332,6 +332,17 @@ pub async fn problem_from_poem(error: poem::Error) -> Response {
     if error.is::<ApiError>() {
         return error.into_response();
     }
+    // A body without a declared length fails as it is read, as an I/O error poem calls 400.
+    if let Some(poem::error::ReadBodyError::Io(io)) = error.downcast_ref::<poem::error::ReadBodyError>()
+        && let Some(too_large) = BodyTooLarge::within(io)
+    {
+        return problem_response(&problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            too_large.to_string(),
+            None,
+        ));
+    }
     let status = error.status();
     let code = if error.is::<poem_openapi::error::AuthorizationError>() {
         return ApiError::Unauthorized(AuthFailure::MissingToken).as_response_owned();
@@ -361,6 +372,28 @@ pub async fn problem_from_poem(error: poem::Error) -> Response {
         error.to_string()
     };
     problem_response(&problem(status, code, detail, None))
+}
+
+/// A request body over its endpoint's limit: refused from its `Content-Length`, or,
+/// without one, once that many bytes have been read.
+#[derive(Debug, thiserror::Error)]
+#[error("the body is over this endpoint's limit of {max} bytes")]
+pub struct BodyTooLarge {
+    pub max: usize,
+}
+
+impl BodyTooLarge {
+    /// The limit error inside a read error (poem wraps the body's own error again).
+    fn within(error: &std::io::Error) -> Option<&Self> {
+        let inner = error.get_ref()?;
+        inner.downcast_ref::<Self>().or_else(|| Self::within(inner.downcast_ref::<std::io::Error>()?))
+    }
+}
+
+impl poem::error::ResponseError for BodyTooLarge {
+    fn status(&self) -> StatusCode {
+        StatusCode::PAYLOAD_TOO_LARGE
+    }
 }
 
 impl ApiError {

@@ -164,14 +164,13 @@ pub async fn wait_for(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Subscribe before reading, so a completion between the two is not missed.
-        let finished = waiters.subscribe(job_id);
+        let mut waiter = waiters.subscribe(job_id);
         let job = find(db, owner_id, job_id).await?;
         if is_terminal(&job) || tokio::time::Instant::now() >= deadline {
-            waiters.forget(job_id);
             return Ok(job);
         }
-        if tokio::time::timeout_at(deadline, finished).await.is_err() {
-            waiters.forget(job_id);
+        if tokio::time::timeout_at(deadline, waiter.finished()).await.is_err() {
+            drop(waiter);
             return find(db, owner_id, job_id).await;
         }
     }

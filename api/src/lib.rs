@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::StreamExt;
 use migration::{Migrator, MigratorTrait};
 use poem::http::StatusCode;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
@@ -190,6 +191,8 @@ fn endpoint(state: AppState) -> impl Endpoint {
     let metrics = telemetry::metrics_handle();
     let max_body = state.settings.api.max_body_bytes;
     let max_batch = state.settings.api.max_batch_bytes;
+    let batch_uploads =
+        Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
     Route::new()
         .nest("/", api)
         .at("/openapi.json", spec)
@@ -200,12 +203,27 @@ fn endpoint(state: AppState) -> impl Endpoint {
                 poem::Response::builder().content_type("text/plain; version=0.0.4").body(metrics.render())
             }),
         )
-        .around(identity::middleware::authenticate_and_limit)
         .around(move |endpoint, request| {
-            // Batches are the one place for large bodies.
-            let max = if request.uri().path() == "/v1/batches" { max_batch } else { max_body };
-            limit_body(endpoint, request, max)
+            // Batches are the one place for large bodies. A batch is parsed whole, and as
+            // JSON values it takes up to ~30× its bytes: uploads take turns, one per core
+            // (parsing is CPU work anyway), so memory is bounded by the cores, not the callers.
+            let is_batch = request.uri().path() == "/v1/batches";
+            let max = if is_batch { max_batch } else { max_body };
+            let uploads =
+                (is_batch && request.method() == poem::http::Method::POST).then(|| Arc::clone(&batch_uploads));
+            async move {
+                let _turn = match &uploads {
+                    Some(uploads) => {
+                        Some(uploads.acquire().await.expect("the semaphore is never closed. This is a bug."))
+                    }
+                    None => None,
+                };
+                limit_body(endpoint, request, max).await
+            }
         })
+        // Outside the body limit: a request without a valid token, or over its rate, is
+        // refused before any of its body is read.
+        .around(identity::middleware::authenticate_and_limit)
         .data(state)
         .catch_all_error(error::problem_from_poem)
         // Every response: the `Allow` header a 405 must carry, and the request's duration.
@@ -247,27 +265,28 @@ fn is_plain_request_id(id: &str) -> bool {
 }
 
 /// Refuses bodies over `max` bytes with a 413, whether or not they declare a length
-/// (poem's own `SizeLimit` also refuses every request without `Content-Length`).
+/// (poem's own `SizeLimit` also refuses every request without `Content-Length`). A body
+/// without one (HTTP/1.1 chunked, or HTTP/2, which needs neither header) is counted as
+/// the handler reads it, and fails with [`error::BodyTooLarge`] past `max`: nothing is
+/// read before the handler asks, so a request refused for its token costs no reading.
 async fn limit_body<E: Endpoint>(endpoint: E, mut request: Request, max: usize) -> poem::Result<Response> {
     let declared = request
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let too_large = || {
-        poem::Error::from_string(
-            format!("the body is over this endpoint's limit of {max} bytes"),
-            StatusCode::PAYLOAD_TOO_LARGE,
-        )
-    };
     match declared {
-        Some(length) if length > max => return Err(too_large()),
+        Some(length) if length > max => return Err(error::BodyTooLarge { max }.into()),
         Some(_) => {}
-        None if request.headers().contains_key(poem::http::header::TRANSFER_ENCODING) => {
-            let body = request.take_body().into_bytes_limit(max).await.map_err(|_| too_large())?;
-            request.set_body(body);
+        None => {
+            let mut read = 0;
+            let counted = request.take_body().into_bytes_stream().map(move |chunk| {
+                let chunk = chunk?;
+                read += chunk.len();
+                if read > max { Err(std::io::Error::other(error::BodyTooLarge { max })) } else { Ok(chunk) }
+            });
+            request.set_body(poem::Body::from_bytes_stream(counted));
         }
-        None => {}
     }
     Ok(endpoint.call(request).await?.into_response())
 }

@@ -84,7 +84,7 @@ impl RedisHandle {
         &self,
         script: &redis::Script,
         keys: &[&str],
-        args: &[i64],
+        args: &[impl redis::ToRedisArgs],
     ) -> Result<T, RedisUnavailable> {
         let mut connection = self.connection().await?;
         let mut invocation = script.prepare_invoke();
@@ -92,7 +92,7 @@ impl RedisHandle {
             invocation.key(*key);
         }
         for arg in args {
-            invocation.arg(*arg);
+            invocation.arg(arg);
         }
         tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut connection))
             .await

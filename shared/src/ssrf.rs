@@ -4,7 +4,7 @@
 //!
 //! Refused: private, loopback, link-local (cloud metadata lives there), CGNAT,
 //! multicast, broadcast, unspecified and reserved addresses, IPv4 and IPv6, including
-//! IPv4-mapped and NAT64 forms. Hosts in the configured allowlist skip the address check
+//! IPv4-mapped and NAT64 forms (6to4, Teredo and local-use NAT64 are refused whole). Hosts in the configured allowlist skip the address check
 //! (local development and tests) and may use plain `http`; everything else needs `https`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,6 +13,8 @@ use url::Url;
 
 /// Longest webhook URL accepted.
 pub const MAX_URL_LENGTH: usize = 2048;
+/// How long a webhook host's name may take to resolve when a URL is checked.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TargetError {
@@ -75,8 +77,12 @@ impl TargetPolicy {
             return Ok(parsed);
         }
         let port = parsed.port_or_known_default().unwrap_or(443);
-        let addresses: Vec<IpAddr> = tokio::net::lookup_host((host.as_str(), port))
+        // The resolver runs on the blocking pool; a name server that never answers must
+        // not hold a thread (and the request) for the resolver's own timeouts.
+        let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)));
+        let addresses: Vec<IpAddr> = lookup
             .await
+            .map_err(|_| TargetError::Unresolvable(host.clone()))?
             .map_err(|_| TargetError::Unresolvable(host.clone()))?
             .map(|a| a.ip())
             .collect();
@@ -141,6 +147,12 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
         || (segments[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
         || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
         || segments[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible (deprecated)
+        // Forms that also carry an IPv4 address, refused whole: a local-use NAT64 prefix
+        // reaches the local network; 6to4 and Teredo are deprecated; so is IPv4-translated.
+        || segments[..3] == [0x64, 0xff9b, 1] // local-use NAT64 64:ff9b:1::/48
+        || segments[0] == 0x2002 // 6to4 2002::/16
+        || segments[..2] == [0x2001, 0] // Teredo 2001::/32
+        || segments[..6] == [0, 0, 0, 0, 0xffff, 0] // IPv4-translated ::ffff:0:0:0/96
 }
 
 #[cfg(test)]
@@ -175,6 +187,10 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
             "::127.0.0.1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:a9fe:a9fe",
         ] {
             assert!(forbidden(ip), "{ip} must be forbidden");
         }

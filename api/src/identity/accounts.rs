@@ -1,6 +1,7 @@
 //! Accounts: registration, email verification, login with throttling, password reset,
 //! profile and usage.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -53,7 +54,7 @@ pub async fn register(state: &AppState, email: Email, password: NewPassword) -> 
         .one(&state.db)
         .await?
         .ok_or(ApiError::EmailTaken)?;
-    send_verification(state, &user).await;
+    send_account_mail(state, user.clone(), AccountMail::Verification);
     Ok(user)
 }
 
@@ -99,15 +100,35 @@ async fn issue_email_token(
 
 /// Mails a verification token. A mail failure does not fail the request: the user can
 /// ask for another mail.
-async fn send_verification(state: &AppState, user: &users::Model) {
-    let result = async {
-        let token = issue_email_token(&state.db, user.id, "verify_email", VERIFY_EMAIL_TTL).await?;
-        state.mailer.send_verification(&user.email, &token).await.map_err(|e| ApiError::Unexpected(e.into()))
-    }
-    .await;
-    if let Err(error) = result {
-        tracing::error!(user_id = %user.id, error.cause_chain = ?error, "cannot send the verification mail");
-    }
+/// The mails that carry a single-use token.
+#[derive(Clone, Copy)]
+enum AccountMail {
+    Verification,
+    PasswordReset,
+}
+
+/// Issues the mail's token and sends it, in the background: an answer that waited for
+/// the SMTP server only when the address has an account would tell who has one.
+fn send_account_mail(state: &AppState, user: users::Model, mail: AccountMail) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let (purpose, ttl) = match mail {
+            AccountMail::Verification => ("verify_email", VERIFY_EMAIL_TTL),
+            AccountMail::PasswordReset => ("reset_password", RESET_PASSWORD_TTL),
+        };
+        let result = async {
+            let token = issue_email_token(&state.db, user.id, purpose, ttl).await?;
+            let sent = match mail {
+                AccountMail::Verification => state.mailer.send_verification(&user.email, &token).await,
+                AccountMail::PasswordReset => state.mailer.send_password_reset(&user.email, &token).await,
+            };
+            sent.map_err(|e| ApiError::Unexpected(e.into()))
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::error!(user_id = %user.id, purpose, error.cause_chain = ?error, "cannot send an account mail");
+        }
+    });
 }
 
 /// Consumes a single-use token of `purpose`; returns its user.
@@ -135,7 +156,7 @@ pub async fn verify_email(state: &AppState, token: &str) -> Result<(), ApiError>
     ))
     .await?;
     txn.commit().await?;
-    state.authenticator.forget_user(user_id).await;
+    state.authenticator.refresh_user(user_id).await;
     Ok(())
 }
 
@@ -143,7 +164,7 @@ pub async fn verify_email(state: &AppState, token: &str) -> Result<(), ApiError>
 pub async fn resend_verification(state: &AppState, email: &Email) -> Result<(), ApiError> {
     let user = find_by_email(&state.db, email).await?;
     if let Some(user) = user.filter(|u| u.email_verified_at.is_none()) {
-        send_verification(state, &user).await;
+        send_account_mail(state, user, AccountMail::Verification);
     }
     Ok(())
 }
@@ -159,37 +180,52 @@ pub struct Session {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Counts one attempt against the account and the client IP, and returns how long the
+/// lockout lasts when either is past its limit (0: go ahead). Counting comes before the
+/// password check, in one script: checking first and counting after a failure let every
+/// attempt sent at once through.
+static COUNT_LOGIN_ATTEMPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"local locked = 0
+        for i, key in ipairs(KEYS) do
+          local n = redis.call('INCR', key)
+          if n == 1 then redis.call('EXPIRE', key, ARGV[1]) end
+          if n > tonumber(ARGV[i + 1]) then locked = math.max(locked, redis.call('TTL', key), 1) end
+        end
+        return locked"#,
+    )
+});
+
+/// After a success, which was counted as an attempt: the account starts afresh, and the
+/// IP (an office behind one address) keeps only its failures.
+static FORGIVE_LOGIN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"redis.call('DEL', KEYS[1])
+        if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DECR', KEYS[2]) end"#,
+    )
+});
+
 /// Checks the password; throttled per account and per IP with lockouts that expire.
 pub async fn login(state: &AppState, email: &Email, password: SecretString, ip: &str) -> Result<Session, ApiError> {
     let auth = &state.settings.auth;
     let window = auth.login_window_secs.max(1);
     let account_key = state.redis.key(&format!("login-failures:account:{}", email.as_str()));
     let ip_key = state.redis.key(&format!("login-failures:ip:{ip}"));
-    for (key, max) in [(&account_key, auth.max_failed_logins), (&ip_key, auth.max_failed_logins * 4)] {
-        if let Some(failures) = counter(state, key).await
-            && failures >= i64::from(max)
-        {
-            let ttl = state.redis.query::<i64>(redis::cmd("TTL").arg(key)).await.unwrap_or(window as i64);
-            return Err(ApiError::LoginLocked { retry_after_secs: ttl.max(1) as u64 });
-        }
+    let limits = [window as i64, i64::from(auth.max_failed_logins), i64::from(auth.max_failed_logins) * 4];
+    match state.redis.invoke::<i64>(&COUNT_LOGIN_ATTEMPT, &[&account_key, &ip_key], &limits).await {
+        Ok(0) => {}
+        Ok(locked_for) => return Err(ApiError::LoginLocked { retry_after_secs: locked_for as u64 }),
+        Err(error) => tracing::warn!(%error, "login throttling unavailable; failing open"),
     }
 
     let user = find_by_email(&state.db, email).await?;
     let matches = passwords::verify(password, user.as_ref().map(|u| u.password_hash.clone())).await;
     let Some(user) = user.filter(|_| matches) else {
-        for key in [&account_key, &ip_key] {
-            let mut pipe = redis::cmd("EVAL");
-            pipe.arg("local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return n")
-                .arg(1)
-                .arg(key)
-                .arg(window);
-            if let Err(error) = state.redis.query::<i64>(&pipe).await {
-                tracing::warn!(%error, "login throttling unavailable; failing open");
-            }
-        }
         return Err(ApiError::BadCredentials);
     };
-    let _ = state.redis.query::<()>(redis::cmd("DEL").arg(&account_key)).await;
+    if let Err(error) = state.redis.invoke::<()>(&FORGIVE_LOGIN, &[&account_key, &ip_key], &[0i64; 0]).await {
+        tracing::warn!(%error, "cannot reset the login failure counts");
+    }
 
     let ttl = Duration::from_secs(auth.session_ttl_secs);
     let grant = TokenGrant {
@@ -204,30 +240,21 @@ pub async fn login(state: &AppState, email: &Email, password: SecretString, ip: 
     Ok(Session { token, expires_at })
 }
 
-async fn counter(state: &AppState, key: &str) -> Option<i64> {
-    state.redis.query::<Option<i64>>(redis::cmd("GET").arg(key)).await.ok().flatten()
-}
-
-/// Always succeeds, whether or not the address has an account (no enumeration).
+/// Always succeeds, whether or not the address has an account, and as fast (the mail
+/// goes in the background): no enumeration.
 pub async fn forgot_password(state: &AppState, email: &Email) -> Result<(), ApiError> {
     if let Some(user) = find_by_email(&state.db, email).await? {
-        let result = async {
-            let token = issue_email_token(&state.db, user.id, "reset_password", RESET_PASSWORD_TTL).await?;
-            state.mailer.send_password_reset(&user.email, &token).await.map_err(|e| ApiError::Unexpected(e.into()))
-        }
-        .await;
-        if let Err(error) = result {
-            tracing::error!(user_id = %user.id, error.cause_chain = ?error, "cannot send the reset mail");
-        }
+        send_account_mail(state, user, AccountMail::PasswordReset);
     }
     Ok(())
 }
 
 /// Sets a new password and signs out every session.
 pub async fn reset_password(state: &AppState, token: &str, password: NewPassword) -> Result<(), ApiError> {
-    let hash = passwords::hash(password).await?;
     let txn = state.db.begin().await?;
+    // The token first: a made-up one must not cost a hash.
     let user_id = consume_email_token(&txn, token, "reset_password").await?;
+    let hash = passwords::hash(password).await?;
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "UPDATE users SET password_hash = $2, sessions_valid_after = now() WHERE id = $1",
@@ -235,7 +262,7 @@ pub async fn reset_password(state: &AppState, token: &str, password: NewPassword
     ))
     .await?;
     txn.commit().await?;
-    state.authenticator.forget_user(user_id).await;
+    state.authenticator.refresh_user(user_id).await;
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! The middleware reads the cached standing in the same round trip as the rate limit
 //! (`RateLimiter::gate`) and asks PostgreSQL here only on a miss.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
@@ -38,6 +39,20 @@ impl Standing {
 
 /// The cached standing of a revoked (or unknown) API token.
 const REVOKED: &str = "revoked";
+
+/// Sets a cached standing (ARGV: value, seconds, a session's cut-off or ''), unless a
+/// revocation is cached, or a session cut-off later than this one.
+static CACHE_STANDING: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"local held = redis.call('GET', KEYS[1])
+        if held == 'revoked' then return end
+        if held and ARGV[3] ~= '' then
+          local held_after = tonumber(string.match(held, '^[^|]*|(-?%d+)|'))
+          if held_after and held_after > tonumber(ARGV[3]) then return end
+        end
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"#,
+    )
+});
 
 impl Authenticator {
     pub fn new(verifier: TokenVerifier, db: DatabaseConnection, redis: RedisHandle, cache_ttl: Duration) -> Self {
@@ -86,9 +101,15 @@ impl Authenticator {
         self.redis.key(&format!("user:{user_id}"))
     }
 
-    async fn cache(&self, key: &str, value: &str) {
-        let ttl = self.cache_ttl.as_secs().max(1);
-        if let Err(error) = self.redis.query::<()>(redis::cmd("SET").arg(key).arg(value).arg("EX").arg(ttl)).await {
+    /// Caches what PostgreSQL said, unless something newer is cached already: a request
+    /// that read the database just before a revocation (or a password reset) must not
+    /// overwrite what that revocation cached. `valid_after`: a session's cut-off, which
+    /// only moves forward.
+    async fn cache(&self, key: &str, value: &str, valid_after: Option<i64>) {
+        let ttl = self.cache_ttl.as_secs().max(1).to_string();
+        let valid_after = valid_after.map(|ms| ms.to_string()).unwrap_or_default();
+        let args = [value, ttl.as_str(), valid_after.as_str()];
+        if let Err(error) = self.redis.invoke::<()>(&CACHE_STANDING, &[key], &args).await {
             tracing::debug!(%error, "token cache write skipped");
         }
     }
@@ -110,7 +131,7 @@ impl Authenticator {
             .await?;
         let Some(row) = row else {
             // Unknown token (deleted account, or a token minted for a row that never existed).
-            self.cache(&key, REVOKED).await;
+            self.cache(&key, REVOKED, None).await;
             return Ok(Standing::REVOKED);
         };
         let standing = Standing {
@@ -123,7 +144,7 @@ impl Authenticator {
         } else {
             format!("ok|{}|{}", standing.role.as_str(), u8::from(standing.verified))
         };
-        self.cache(&key, &value).await;
+        self.cache(&key, &value, None).await;
         Ok(standing)
     }
 
@@ -145,26 +166,25 @@ impl Authenticator {
         let role = Role::parse(&row.try_get::<String>("", "role")?);
         let valid_after: i64 = row.try_get("", "valid_after")?;
         let verified: bool = row.try_get("", "verified")?;
-        self.cache(&key, &format!("{}|{valid_after}|{}", role.as_str(), u8::from(verified))).await;
+        self.cache(&key, &format!("{}|{valid_after}|{}", role.as_str(), u8::from(verified)), Some(valid_after)).await;
         Ok(Standing { role, verified, revoked: auth_time_ms < valid_after })
     }
 
     /// Makes a revocation visible to every instance at once.
     pub async fn revoked(&self, token_id: Uuid) {
-        self.cache(&self.api_token_key(token_id), "revoked").await;
-    }
-
-    /// Drops what is cached about a user (after verification or a password reset).
-    pub async fn forget_user(&self, user_id: Uuid) {
-        if let Err(error) = self.redis.query::<()>(redis::cmd("DEL").arg(self.user_key(user_id))).await {
-            tracing::warn!(%error, "cannot drop cached user state; it expires on its own");
+        let ttl = self.cache_ttl.as_secs().max(1);
+        let key = self.api_token_key(token_id);
+        if let Err(error) = self.redis.query::<()>(redis::cmd("SET").arg(&key).arg(REVOKED).arg("EX").arg(ttl)).await {
+            tracing::warn!(%error, "cannot cache a revocation; cached standings expire on their own");
         }
     }
 
-    /// Drops what is cached about every API token of a user (after verification).
-    pub async fn forget_tokens(&self, token_ids: &[Uuid]) {
-        for token_id in token_ids {
-            let _ = self.redis.query::<()>(redis::cmd("DEL").arg(self.api_token_key(*token_id))).await;
+    /// Caches a user's standing anew from PostgreSQL (after verification or a password
+    /// reset): a later cut-off replaces the one cached, and an earlier one read by a
+    /// request still in flight can no longer replace it.
+    pub async fn refresh_user(&self, user_id: Uuid) {
+        if let Err(error) = self.session_standing(user_id, 0).await {
+            tracing::warn!(error.cause_chain = ?error, "cannot refresh cached user state; it expires on its own");
         }
     }
 }

@@ -5,7 +5,10 @@
 //! unauthenticated `/v1/auth/*` endpoints. The `BearerAuth` security scheme then only
 //! reads the outcome stored in the request's extensions.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use poem::http::HeaderValue;
+use poem::web::RemoteAddr;
 use poem::{Endpoint, IntoResponse, Request, Response};
 
 use spool_shared::config::RateLimitSettings;
@@ -23,8 +26,7 @@ pub async fn authenticate_and_limit<E: Endpoint>(endpoint: E, mut request: Reque
     let path = request.uri().path().to_owned();
     let limits = &state.settings.rate_limit;
     let decision = if path.starts_with("/v1/auth/") {
-        let ip = request.remote_addr().as_socket_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        state.limiter.check(&format!("ip:{ip}"), limits.auth_per_ip).await
+        state.limiter.check(&format!("ip:{}", client_of(request.remote_addr())), limits.auth_per_ip).await
     } else if let Some(token) = bearer(&request) {
         let (outcome, decision) = admit(&state.authenticator, &state.limiter, limits, &token).await;
         request.extensions_mut().insert(outcome);
@@ -92,4 +94,37 @@ fn add_headers(response: &mut Response, decision: Decision) {
     headers.insert("RateLimit-Limit", HeaderValue::from(decision.limit));
     headers.insert("RateLimit-Remaining", HeaderValue::from(decision.remaining));
     headers.insert("RateLimit-Reset", HeaderValue::from(decision.reset_secs));
+}
+
+/// The client an address stands for, as throttling counts it: an IPv4 address, or an
+/// IPv6 /64 (one host's whole allocation: counting single addresses would give it
+/// 2^64 fresh buckets).
+pub fn client_of(remote: &RemoteAddr) -> String {
+    match remote.as_socket_addr().map(|a| a.ip()) {
+        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let prefix = Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1));
+            format!("{prefix}/64")
+        }
+        Some(IpAddr::V6(v6)) => v6.to_canonical().to_string(),
+        Some(ip) => ip.to_string(),
+        None => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(address: &str) -> String {
+        client_of(&RemoteAddr(poem::Addr::SocketAddr(address.parse().expect("socket address"))))
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_an_ipv4_one_its_address() {
+        assert_eq!(client("192.0.2.7:4000"), "192.0.2.7");
+        assert_eq!(client("[2001:db8:1:2:aaaa::1]:4000"), "2001:db8:1:2::/64");
+        assert_eq!(client("[2001:db8:1:2:ffff:ffff:ffff:ffff]:4000"), "2001:db8:1:2::/64");
+        assert_ne!(client("[2001:db8:1:3::1]:4000"), "2001:db8:1:2::/64");
+        assert_eq!(client("[::ffff:192.0.2.7]:4000"), "192.0.2.7");
+    }
 }

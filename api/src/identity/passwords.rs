@@ -3,10 +3,13 @@
 //! Hashing is deliberately slow (OWASP's argon2id parameters: 19 MiB, 2 passes, 1 lane),
 //! so it runs on the blocking pool, never on an async worker thread.
 
+use std::sync::LazyLock;
+
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, FieldError};
 
@@ -67,6 +70,20 @@ impl NewPassword {
     }
 }
 
+/// Hashes running at once: one per core. Each takes 19 MiB and a core for tens of
+/// milliseconds, and three endpoints anyone can call hash; beyond this, requests wait
+/// their turn here (holding no memory) instead of piling up on the blocking pool.
+static HASHING: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
+
+/// Runs one argon2 computation on the blocking pool, when a hashing slot is free.
+async fn run_hashing<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    let slot = HASHING.acquire().await.map_err(|e| ApiError::Unexpected(e.into()))?;
+    let result = tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Unexpected(e.into()));
+    drop(slot);
+    result
+}
+
 fn argon2() -> Argon2<'static> {
     let params = Params::new(19 * 1024, 2, 1, None).expect("OWASP parameters are valid. This is a bug.");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
@@ -74,21 +91,20 @@ fn argon2() -> Argon2<'static> {
 
 /// Hashes on the blocking pool; returns a PHC string.
 pub async fn hash(password: NewPassword) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
+    run_hashing(move || {
         // A random salt is generated for each hash.
         argon2()
             .hash_password(password.0.expose_secret().as_bytes())
             .map(|hash| hash.to_string())
             .map_err(|e| ApiError::Unexpected(anyhow::anyhow!("argon2: {e}")))
     })
-    .await
-    .map_err(|e| ApiError::Unexpected(e.into()))?
+    .await?
 }
 
 /// Checks a password against a stored hash on the blocking pool. With no stored hash
 /// (unknown account) it still spends the same time, so timing does not reveal accounts.
 pub async fn verify(password: SecretString, stored: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
+    run_hashing(move || {
         const DUMMY: &str =
             "$argon2id$v=19$m=19456,t=2,p=1$c3Bvb2xzcG9vbHNwb29s$3LzGzWd0fDHsG7KHmQ3m0mHTrR+1dV0Ex5uSgXB3cN8";
         let stored = stored.as_deref().unwrap_or(DUMMY);

@@ -153,8 +153,8 @@ impl AuthApi {
         body: JsonBody<LoginRequest>,
     ) -> Result<LoginResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
-        let ip = remote.as_socket_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        let session = accounts::login(&state, &email, SecretString::from(body.0.password), &ip).await?;
+        let client = crate::identity::middleware::client_of(remote);
+        let session = accounts::login(&state, &email, SecretString::from(body.0.password), &client).await?;
         Ok(LoginResponse::Ok(Json(SessionToken {
             token: session.token,
             token_type: "session".into(),

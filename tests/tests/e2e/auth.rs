@@ -261,6 +261,24 @@ async fn repeated_failed_logins_lock_the_account_for_a_while() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_sent_at_once_get_no_more_tries_than_guesses_sent_one_by_one() {
+    let mut settings = test_settings().await;
+    settings.auth.max_failed_logins = 3;
+    spool_tests::lift_rate_limits(&mut settings);
+    let app = TestApp::start(settings, no_worker()).await;
+    let email = new_email();
+    post(&app, "/v1/auth/register", None, json!({"email": email, "password": "saffron-glacier-piano"})).await;
+    let guesses = (0..12).map(|i| {
+        let (app, email) = (&app, &email);
+        async move { problem(login(app, email, &format!("wrong-password-{i:03}")).await).await }
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let checked = answers.iter().filter(|a| a.1 == "invalid_credentials").count();
+    let locked = answers.iter().filter(|a| a.1 == "login_locked").count();
+    assert_eq!((checked, locked), (3, 9), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_show_in_headers_and_answer_429_past_the_burst() {
     let mut settings = test_settings().await;
     settings.rate_limit.user = spool_shared::config::Quota { per_minute: 60, burst: 5 };

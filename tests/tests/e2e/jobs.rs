@@ -351,6 +351,34 @@ async fn bad_inputs_are_422_problems_naming_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_without_a_length_is_refused_as_it_is_read() {
+    let mut settings = test_settings().await;
+    settings.api.max_body_bytes = 16 * 1024;
+    let app = TestApp::start(settings, no_worker()).await;
+    // HTTP/2 needs neither a Content-Length nor chunked encoding. curl streams stdin
+    // (`-T -`) without declaring a length. 48 KiB fits in HTTP/2's first flow-control
+    // window, so curl has sent it all when the answer comes.
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-X", "POST", "-T", "-", "-w", "\n%{http_version} %{http_code}"])
+        .args(["-H", "content-type: application/json", "-H", &format!("authorization: Bearer {}", app.token)])
+        .arg(app.url("/v1/jobs"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    let body = format!(r#"{{"model": "digits-cnn", "input": "{}"}}"#, "a".repeat(48 * 1024));
+    let mut stdin = curl.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = curl.wait_with_output().await.unwrap();
+    let (output, errors) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.ends_with("\n2 413"), "{output} {errors}");
+    assert!(output.contains("\"code\":\"body_too_large\""), "{output}");
+    assert!(output.contains("limit of 16384 bytes"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_models_and_jobs_and_other_users_jobs_are_404() {
     let app = spawn_app_with(no_worker()).await;
     let response = app.post_job(&json!({"model": "gpt-17", "input": {}})).await;
