@@ -19,7 +19,7 @@ use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
-use spool_shared::breaker::SharedBreaker;
+use spool_shared::breaker::{BreakerSettings, BreakerState, SharedBreaker};
 use spool_shared::config::WebhookSettings;
 use spool_shared::sealing::{SecretOwner, SecretSealer};
 use spool_shared::ssrf::{TargetPolicy, is_forbidden};
@@ -70,6 +70,8 @@ pub fn next_delay(schedule: &[u64], attempts: i32, retry_after: Option<Duration>
 
 /// A delivery this dispatcher leased.
 struct Due {
+    /// When this dispatcher's lease on the delivery began.
+    leased_at: Instant,
     id: Uuid,
     url: String,
     body: String,
@@ -106,7 +108,39 @@ pub struct Dispatcher {
     policy: TargetPolicy,
     sealer: SecretSealer,
     overall: Arc<Semaphore>,
-    per_host: Mutex<HashMap<String, (Arc<Semaphore>, SharedBreaker)>>,
+    destinations: Destinations,
+}
+
+/// Hosts kept track of before idle ones are forgotten: with one entry per host ever
+/// seen, receivers on ever new subdomains would grow the table without end.
+const DESTINATIONS_REMEMBERED: usize = 1024;
+
+/// Per destination host: its delivery slots and its breaker.
+struct Destinations {
+    slots_per_host: usize,
+    breaker: BreakerSettings,
+    hosts: Mutex<HashMap<String, (Arc<Semaphore>, SharedBreaker)>>,
+}
+
+impl Destinations {
+    fn new(slots_per_host: usize, breaker: BreakerSettings) -> Self {
+        Self { slots_per_host: slots_per_host.max(1), breaker, hosts: Mutex::new(HashMap::new()) }
+    }
+
+    fn get(&self, host: &str) -> (Arc<Semaphore>, SharedBreaker) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if hosts.len() >= DESTINATIONS_REMEMBERED && !hosts.contains_key(host) {
+            // Idle (nothing in flight) and closed: nothing worth keeping but a window of
+            // recent outcomes. An open breaker is kept, or its host would be retried at once.
+            hosts.retain(|_, (slots, breaker)| {
+                slots.available_permits() < self.slots_per_host || breaker.state() != BreakerState::Closed
+            });
+        }
+        hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| (Arc::new(Semaphore::new(self.slots_per_host)), SharedBreaker::new(self.breaker)))
+            .clone()
+    }
 }
 
 impl Dispatcher {
@@ -125,7 +159,8 @@ impl Dispatcher {
         for outcome in ["delivered", "gone", "failed"] {
             metrics::counter!("spool_webhook_attempts_total", "outcome" => outcome).increment(0);
         }
-        Ok(Arc::new(Self { db, http, settings, policy, sealer, overall, per_host: Mutex::new(HashMap::new()) }))
+        let destinations = Destinations::new(settings.per_destination, settings.destination_breaker);
+        Ok(Arc::new(Self { db, http, settings, policy, sealer, overall, destinations }))
     }
 
     /// Delivers until shutdown, then lets the deliveries in flight finish.
@@ -171,6 +206,7 @@ impl Dispatcher {
 
     /// Leases up to `limit` due deliveries, counting the attempt.
     async fn lease(&self, limit: usize) -> Result<Vec<Due>, DbErr> {
+        let leased_at = Instant::now();
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(
@@ -208,6 +244,7 @@ impl Dispatcher {
                 };
                 let sealed = row.try_get::<Option<Vec<String>>>("", "secrets")?.unwrap_or_default();
                 Ok(Due {
+                    leased_at,
                     id,
                     url: row.try_get("", "url")?,
                     body: row.try_get("", "body")?,
@@ -234,17 +271,10 @@ impl Dispatcher {
             .collect()
     }
 
-    fn destination(&self, host: &str) -> (Arc<Semaphore>, SharedBreaker) {
-        let mut hosts = self.per_host.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        hosts
-            .entry(host.to_owned())
-            .or_insert_with(|| {
-                (
-                    Arc::new(Semaphore::new(self.settings.per_destination.max(1))),
-                    SharedBreaker::new(self.settings.destination_breaker),
-                )
-            })
-            .clone()
+    /// How long a leased delivery may wait for its host's turn: its lease, less room for
+    /// the request and for recording the result.
+    fn slot_wait_limit(&self) -> Duration {
+        Duration::from_millis(self.settings.lease_ms.saturating_sub(2 * self.settings.request_timeout_ms))
     }
 
     async fn deliver(&self, due: Due) {
@@ -252,11 +282,18 @@ impl Dispatcher {
             Ok(url) => url.host_str().unwrap_or_default().to_owned(),
             Err(error) => return self.finish(&due, Attempt::refused(error.to_string())).await,
         };
-        let (slots, breaker) = self.destination(&host);
+        let (slots, breaker) = self.destinations.get(&host);
         if let Some(wait) = breaker.with(|b| b.retry_after(Instant::now())) {
             return self.defer(&due, wait).await;
         }
-        let Ok(_slot) = slots.acquire().await else { return };
+        // Waiting for the host's turn past the lease would let the next lease send this
+        // delivery a second time: a delivery that has waited too long lets its lease go.
+        let turn_by = due.leased_at + self.slot_wait_limit();
+        let _slot = match tokio::time::timeout_at(turn_by.into(), slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return,
+            Err(_) => return self.defer(&due, Duration::from_secs(1)).await,
+        };
         if !breaker.with(|b| b.try_acquire(Instant::now())) {
             return self.defer(&due, Duration::from_secs(1)).await; // half-open: another request probes
         }
@@ -445,6 +482,25 @@ mod tests {
             "capped at a day"
         );
         assert_eq!(classify(StatusCode::TOO_MANY_REQUESTS, Some("soon")), Verdict::Retry { after: None });
+    }
+
+    #[test]
+    fn idle_destinations_are_forgotten_once_the_table_is_full_and_busy_or_open_ones_kept() {
+        let destinations = Destinations::new(2, BreakerSettings { min_calls: 1, ..Default::default() });
+        let (busy_slots, _) = destinations.get("busy.example");
+        let _in_flight = busy_slots.try_acquire().unwrap();
+        let (_, failing) = destinations.get("down.example");
+        failing.with(|b| b.record(false, Instant::now()));
+        assert_eq!(failing.state(), BreakerState::Open);
+        for i in 0..DESTINATIONS_REMEMBERED - 2 {
+            destinations.get(&format!("idle-{i}.example"));
+        }
+        let table = |d: &Destinations| d.hosts.lock().unwrap().len();
+        assert_eq!(table(&destinations), DESTINATIONS_REMEMBERED);
+        destinations.get("new.example");
+        assert_eq!(table(&destinations), 3, "busy, open and the new host");
+        let (slots, _) = destinations.get("busy.example");
+        assert_eq!(slots.available_permits(), 1, "the same entry, its delivery still counted");
     }
 
     #[test]

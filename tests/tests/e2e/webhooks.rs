@@ -362,6 +362,33 @@ async fn a_receiver_down_for_a_while_gets_every_event_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_queued_behind_a_slow_host_are_sent_once_each() {
+    // One slot per host, 0.7 s an answer, a 3 s lease: the sixth delivery leased at once
+    // would wait 3.5 s for its turn, past its lease, and be leased and sent again.
+    let mut settings = test_settings().await;
+    settings.webhooks.per_destination = 1;
+    settings.webhooks.lease_ms = 3_000;
+    settings.webhooks.request_timeout_ms = 1_000;
+    let app = TestApp::start(settings, AppOptions { dispatcher: true, ..Default::default() }).await;
+    let token = app.api_token(app.user_id, &[Scope::Webhooks], Duration::from_secs(3600)).await;
+    let receiver = Receiver::start().await;
+    let (id, _) = subscribe(&app, &token, &receiver.url(), &["job.succeeded"]).await;
+    for _ in 0..6 {
+        receiver.answer_slowly(200, Duration::from_millis(700));
+    }
+    for _ in 0..6 {
+        app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
+    }
+    receiver.wait_for(6, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // past every lease: room for a second send
+    let received = receiver.received();
+    let ids: HashSet<&str> = received.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!((received.len(), ids.len()), (6, 6), "each delivery sent once");
+    let log = deliveries(&app, &token, &id).await;
+    assert!(log.iter().all(|d| d["status"] == "succeeded" && d["attempts"] == 1), "{log:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_killed_mid_delivery_delivers_after_its_restart() {
     let (mut app, token) = app_with_dispatcher(false).await;
     let receiver = Receiver::start().await;
