@@ -37,6 +37,7 @@ mod m20261129_000011_add_job_request_id;
 mod m20261129_000012_job_json_with_request_id;
 mod m20261129_000013_index_deliveries_by_job;
 mod m20261129_000014_rotate_job_webhook_secret;
+mod m20261129_000015_add_job_claim_token;
 
 pub struct Migrator;
 
@@ -57,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000012_job_json_with_request_id::Migration),
             Box::new(m20261129_000013_index_deliveries_by_job::Migration),
             Box::new(m20261129_000014_rotate_job_webhook_secret::Migration),
+            Box::new(m20261129_000015_add_job_claim_token::Migration),
         ]
     }
 }
@@ -85,7 +87,8 @@ mod tests {
                 "m20261129_000011_add_job_request_id",
                 "m20261129_000012_job_json_with_request_id",
                 "m20261129_000013_index_deliveries_by_job",
-                "m20261129_000014_rotate_job_webhook_secret"
+                "m20261129_000014_rotate_job_webhook_secret",
+                "m20261129_000015_add_job_claim_token"
             ]
         );
     }

@@ -172,13 +172,29 @@ pub struct JobEnvelope {
     /// The `x-request-id` of the request that created the job: the worker logs it with the
     /// job's outcome, so one id finds the job in the API's and the worker's logs.
     pub trace_id: Option<String>,
+    /// On a retry: the attempt that failed. If that attempt's result was never written
+    /// (the job still reads `running` at that attempt), the retry may take the job over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<i32>,
 }
 
 impl JobEnvelope {
     pub const VERSION: u8 = 1;
 
     pub fn new(job_id: Uuid, model: &str, trace_id: Option<&str>) -> Self {
-        Self { v: Self::VERSION, job_id, model: model.to_owned(), trace_id: trace_id.map(str::to_owned) }
+        Self {
+            v: Self::VERSION,
+            job_id,
+            model: model.to_owned(),
+            trace_id: trace_id.map(str::to_owned),
+            retry_of: None,
+        }
+    }
+
+    /// The message of a retry that follows attempt `attempt`.
+    pub fn retrying(mut self, attempt: i32) -> Self {
+        self.retry_of = Some(attempt);
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -213,5 +229,13 @@ mod tests {
         // Messages published before trace ids were set still read.
         let old = br#"{"v":1,"job_id":"0190d1e4-0000-7000-8000-000000000000","model":"digits-cnn","trace_id":null}"#;
         assert_eq!(JobEnvelope::from_bytes(old).map(|e| e.trace_id).ok(), Some(None));
+    }
+
+    #[test]
+    fn a_retry_names_its_failed_attempt_and_first_deliveries_stay_as_they_were() {
+        let first = JobEnvelope::new(Uuid::now_v7(), "digits-cnn", None);
+        assert!(!String::from_utf8_lossy(&first.to_bytes()).contains("retry_of"), "older workers read it unchanged");
+        let retry = first.retrying(3);
+        assert_eq!(JobEnvelope::from_bytes(&retry.to_bytes()).ok().and_then(|e| e.retry_of), Some(3));
     }
 }

@@ -115,6 +115,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Gives back what `try_acquire` took for a call that was not made after all: in
+    /// half-open, the probe slot, for another caller to probe with.
+    pub fn release(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probes_started = self.probes_started.saturating_sub(1);
+        }
+    }
+
     /// Records the outcome of a call that `try_acquire` let through.
     pub fn record(&mut self, success: bool, now: Instant) {
         match self.state {
@@ -253,6 +261,25 @@ mod tests {
         assert_eq!(b.state(later), BreakerState::Open);
         assert_eq!(b.state(later + Duration::from_millis(999)), BreakerState::Open);
         assert_eq!(b.state(later + Duration::from_secs(1)), BreakerState::HalfOpen);
+    }
+
+    #[test]
+    fn a_released_probe_slot_can_be_taken_again_and_release_changes_nothing_else() {
+        let start = Instant::now();
+        let mut b = breaker();
+        b.release(); // closed: nothing was taken
+        calls(&mut b, &[false; 4], start);
+        b.release(); // open: nothing was taken
+        let later = start + Duration::from_secs(1);
+        assert!(b.try_acquire(later) && b.try_acquire(later));
+        assert!(!b.try_acquire(later));
+        b.release();
+        assert!(b.try_acquire(later), "the released slot is free again");
+        assert!(!b.try_acquire(later));
+        // The two probes that did run decide, as before.
+        b.record(true, later);
+        b.record(true, later);
+        assert_eq!(b.state(later), BreakerState::Closed);
     }
 
     #[test]

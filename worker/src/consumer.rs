@@ -13,7 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use sea_orm::DatabaseConnection;
 use spool_shared::amqp::{JobEnvelope, Topology};
-use spool_shared::breaker::SharedBreaker;
+use spool_shared::breaker::{CircuitBreaker, SharedBreaker};
 use spool_shared::job::JobError;
 use spool_shared::retry::{RetryDecision, RetryPolicy};
 use tokio::sync::Semaphore;
@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::batcher::next_batch;
 use crate::runtime::ModelHandle;
-use crate::store::{self, Completion, Outcome};
+use crate::store::{self, ClaimRequest, Completion, Outcome};
 
 /// What every batch of every model shares.
 pub struct WorkerContext {
@@ -63,13 +63,14 @@ struct BatchContext<'a> {
 enum Ended {
     /// Shutdown, or the broker ended the consumer.
     Done,
-    /// The model's breaker opened: pause this long, then consume again (probing).
-    BreakerOpen(Duration),
+    /// The model's breaker opened: pause while it stays open, then consume again (probing).
+    BreakerOpen,
 }
 
 /// Consumes the model's queue until `shutdown` fires. When the model's breaker opens,
-/// the channel is closed (its unacked messages go back to the queue, for healthy
-/// workers) and consuming resumes once the breaker lets probes through.
+/// the batches already taken wait for it, the channel is closed (the messages not in a
+/// batch go back to the queue, for healthy workers) and consuming resumes once the
+/// breaker lets probes through.
 pub async fn consume(
     context: Arc<WorkerContext>,
     connection: &Connection,
@@ -80,7 +81,10 @@ pub async fn consume(
     loop {
         match consume_session(&context, connection, &model, &policy, &shutdown).await? {
             Ended::Done => return Ok(()),
-            Ended::BreakerOpen(pause) => {
+            Ended::BreakerOpen => {
+                // Asked now, not when the session ended: its last batches waited for the
+                // breaker (and may have probed it) before the channel could close.
+                let pause = model.breaker.with(|b| b.retry_after(Instant::now())).unwrap_or_default();
                 tracing::warn!(model = %model.spec.name, ?pause, "model breaker open: stopped consuming");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -140,8 +144,10 @@ async fn consume_session(
     let mut ended = Ended::Done;
     loop {
         let permit = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed. This is a bug.");
-        if let Some(pause) = model.breaker.with(|b| b.retry_after(Instant::now())) {
-            ended = Ended::BreakerOpen(pause);
+        // Batches already taken wait for the breaker themselves (see `process_batch`);
+        // the messages not yet in a batch go back to the queue when the channel closes.
+        if model.breaker.with(|b| b.retry_after(Instant::now())).is_some() {
+            ended = Ended::BreakerOpen;
             break;
         }
         // PostgreSQL down: take nothing more; the messages already here stay unacked.
@@ -210,12 +216,15 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     let (context, model) = (batch.worker, batch.model);
     let mut by_job: HashMap<Uuid, Vec<Delivery>> = HashMap::with_capacity(deliveries.len());
     let mut trace_ids: HashMap<Uuid, String> = HashMap::new();
-    let mut redelivered = Vec::new();
+    let mut request = ClaimRequest::new(Vec::new());
     for delivery in deliveries {
         match JobEnvelope::from_bytes(&delivery.data) {
             Ok(envelope) if envelope.model == model.spec.name => {
                 if delivery.redelivered {
-                    redelivered.push(envelope.job_id);
+                    request.redelivered.push(envelope.job_id);
+                }
+                if let Some(attempt) = envelope.retry_of {
+                    request.retries.push((envelope.job_id, attempt));
                 }
                 if let Some(trace_id) = envelope.trace_id {
                     trace_ids.insert(envelope.job_id, trace_id);
@@ -231,11 +240,18 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     if by_job.is_empty() {
         return;
     }
-    let ids: Vec<Uuid> = by_job.keys().copied().collect();
-    let span = tracing::info_span!("batch", model = %model.spec.name, size = ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
+    request.ids = by_job.keys().copied().collect();
+    let span = tracing::info_span!("batch", model = %model.spec.name, size = request.ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
     async {
-        let claim = || store::claim(&context.db, &ids, &redelivered, &context.worker_id);
+        // The model's breaker admits the batch before anything is claimed: a batch it
+        // refused would otherwise have spent an attempt (and sent `job.started`) without
+        // running, and a nack toward the delivery limit. Meanwhile its messages are held.
+        if !until_admitted(&model.breaker, batch.shutdown).await {
+            return; // shutting down: the unacked messages go back to the queue
+        }
+        let claim = || store::claim(&context.db, &request, &context.worker_id);
         let Some(claimed) = until_db_answers(&context.database_breaker, batch.shutdown, "claim", claim).await else {
+            model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
             return; // shutting down: the unacked messages go back to the queue
         };
         tracing::Span::current().record("claimed", claimed.len());
@@ -244,16 +260,12 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         let (owned, settled): (Vec<_>, Vec<_>) = by_job.into_iter().partition(|(id, _)| claimed_ids.contains(id));
         ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
         if claimed.is_empty() {
+            model.breaker.with(CircuitBreaker::release);
             return;
         }
 
         let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
             claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
-        // Half-open lets a few probe batches through; anything else waits in the queue.
-        if !model.breaker.with(|b| b.try_acquire(Instant::now())) {
-            requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
-            return;
-        }
         let started = Instant::now();
         let results = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
         // The model is healthy when nothing failed for a runtime (retryable) reason.
@@ -295,6 +307,23 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     .await;
 }
 
+/// Waits until `breaker` lets a call through (in half-open, this takes a probe slot),
+/// holding whatever the caller holds meanwhile. `false` when shutdown comes first.
+async fn until_admitted(breaker: &SharedBreaker, shutdown: &CancellationToken) -> bool {
+    loop {
+        let wait = breaker.with(|b| {
+            let now = Instant::now();
+            // Refused while half-open: other calls hold every probe slot; theirs decide soon.
+            (!b.try_acquire(now)).then(|| b.retry_after(now).unwrap_or(Duration::from_millis(100)))
+        });
+        let Some(wait) = wait else { return true };
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Runs a database operation through the PostgreSQL breaker, retrying until it succeeds
 /// and holding the batch's messages unacked meanwhile: an outage pauses this consumer
 /// (its batch slots stay taken, so it takes no more messages) instead of bouncing
@@ -313,16 +342,8 @@ where
 {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let wait = match breaker.with(|b| (b.retry_after(Instant::now()), b.try_acquire(Instant::now()))) {
-            (Some(open_for), _) => Some(open_for),
-            (None, false) => Some(Duration::from_millis(100)), // half-open: another task is probing
-            (None, true) => None,
-        };
-        if let Some(wait) = wait {
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(wait) => continue,
-            }
+        if !until_admitted(breaker, shutdown).await {
+            return None;
         }
         match operation().await {
             Ok(value) => {
@@ -426,7 +447,12 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
             }
             _ => continue,
         };
-        let envelope = JobEnvelope::new(completion.id, model, completion.trace_id.as_deref());
+        let mut envelope = JobEnvelope::new(completion.id, model, completion.trace_id.as_deref());
+        if matches!(completion.outcome, Outcome::Retrying { .. }) {
+            // Lets the retry take the job over if this attempt's result is not written
+            // by the time it comes back (see `store::ClaimRequest::retries`).
+            envelope = envelope.retrying(completion.attempt);
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())

@@ -6,6 +6,8 @@
 //! recording them here too would race it. PostgreSQL is the record operators work from
 //! (`/v1/admin/dead-letters`), so the queue is drained once a message is recorded.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
@@ -44,13 +46,15 @@ pub async fn drain(
                 None => break,
             },
         };
-        record(&db, &delivery).await;
+        record(&db, &delivery, &shutdown).await;
     }
     let _ = channel.close(200, "worker stopping".into()).await;
     Ok(())
 }
 
-async fn record(db: &DatabaseConnection, delivery: &Delivery) {
+/// Records the job of one dead letter, then acks it. While PostgreSQL fails, retries with
+/// backoff; on shutdown the message stays unacked, and closing the channel returns it.
+async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &CancellationToken) {
     let Ok(envelope) = JobEnvelope::from_bytes(&delivery.data) else {
         tracing::warn!("unreadable dead letter dropped");
         let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -60,7 +64,7 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery) {
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     }
-    let reason = header(delivery, "x-first-death-reason").unwrap_or_else(|| "unknown".into());
+    let reason = delivery.properties.headers().as_ref().and_then(death_reason).unwrap_or_else(|| "unknown".into());
     let error = JobError::fatal(
         "delivery_limit",
         format!("the broker dead-lettered the job's message ({reason}): it failed to complete on every delivery"),
@@ -78,24 +82,89 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery) {
            SELECT pg_notify($3, id::text) FROM failed"#,
         [envelope.job_id.into(), json!(error).into(), JOB_DONE_CHANNEL.into()],
     );
-    // Ack only once recorded: if PostgreSQL is down the message stays for a later try.
-    match db.query_all_raw(statement).await {
-        Ok(rows) => {
-            if !rows.is_empty() {
-                tracing::warn!(job_id = %envelope.job_id, %reason, "job dead-lettered by the broker");
-                metrics::counter!("spool_worker_jobs_total", "model" => envelope.model.clone(), "outcome" => "dead_lettered").increment(1);
+    // Ack only once recorded. A message neither acked nor nacked would sit on this
+    // channel until the connection closes, its job unrecorded.
+    let mut backoff = Duration::from_millis(100);
+    let rows = loop {
+        match db.query_all_raw(statement.clone()).await {
+            Ok(rows) => break rows,
+            Err(error) => {
+                tracing::error!(error.cause_chain = ?error, retry_in = ?backoff, "cannot record a dead letter; retrying");
+                metrics::counter!("spool_worker_database_errors_total").increment(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        Err(error) => tracing::error!(error.cause_chain = ?error, "cannot record a dead letter; it stays queued"),
+    };
+    if !rows.is_empty() {
+        tracing::warn!(job_id = %envelope.job_id, %reason, "job dead-lettered by the broker");
+        metrics::counter!("spool_worker_jobs_total", "model" => envelope.model.clone(), "outcome" => "dead_lettered")
+            .increment(1);
     }
+    let _ = delivery.ack(BasicAckOptions::default()).await;
 }
 
-/// A string header such as `x-first-death-reason` (set by the broker, e.g. `delivery_limit`).
+/// A string header such as `x-spool-reason`.
 fn header(delivery: &Delivery, name: &str) -> Option<String> {
-    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+    delivery.properties.headers().as_ref()?.inner().get(name).and_then(text)
+}
+
+/// Why the broker dead-lettered the message the last time: the newest entry of `x-death`
+/// comes first. `x-first-death-reason` is only the fallback: for a message that went
+/// through a retry tier it reads `expired`, however it died in the end.
+fn death_reason(headers: &FieldTable) -> Option<String> {
+    let latest = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+            Some(AMQPValue::FieldTable(death)) => death.inner().get("reason").and_then(text),
+            _ => None,
+        },
+        _ => None,
+    };
+    latest.or_else(|| headers.inner().get("x-first-death-reason").and_then(text))
+}
+
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
         AMQPValue::LongString(value) => Some(value.to_string()),
         AMQPValue::ShortString(value) => Some(value.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in entries {
+            table.insert((*key).into(), value.clone());
+        }
+        table
+    }
+
+    #[test]
+    fn the_reason_is_the_latest_death_not_the_first() {
+        let death = |queue: &str, reason: &str| {
+            AMQPValue::FieldTable(table(&[
+                ("queue", AMQPValue::LongString(queue.into())),
+                ("reason", AMQPValue::LongString(reason.into())),
+            ]))
+        };
+        // A retry that expired out of its tier, then hit the job queue's delivery limit.
+        let headers = table(&[
+            ("x-first-death-reason", AMQPValue::LongString("expired".into())),
+            (
+                "x-death",
+                AMQPValue::FieldArray(vec![death("t.jobs.m", "delivery_limit"), death("t.retry.1s", "expired")].into()),
+            ),
+        ]);
+        assert_eq!(death_reason(&headers).as_deref(), Some("delivery_limit"));
+        let without_x_death = table(&[("x-first-death-reason", AMQPValue::LongString("rejected".into()))]);
+        assert_eq!(death_reason(&without_x_death).as_deref(), Some("rejected"));
+        assert_eq!(death_reason(&FieldTable::default()), None);
     }
 }

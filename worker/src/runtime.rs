@@ -2,6 +2,7 @@
 //! fed by a channel of commands, each with a tracing span and a one-shot reply.
 //! The cheap `ModelHandle` is what async code holds.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,17 @@ impl ModelHandle {
     /// Starts the model's thread, loads the model there and runs one warm-up forward.
     /// Returns once the model is ready (or failed to load).
     pub async fn start(spec: ModelSpec, device: Device, breaker: BreakerSettings) -> Result<Self, RuntimeError> {
+        let load_spec = spec.clone();
+        Self::start_with(spec, device, breaker, move || engine::load(&load_spec, device)).await
+    }
+
+    /// [`Self::start`] with the engine made by `load` on the model's thread.
+    async fn start_with(
+        spec: ModelSpec,
+        device: Device,
+        breaker: BreakerSettings,
+        load: impl FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
+    ) -> Result<Self, RuntimeError> {
         let spec = Arc::new(spec);
         // Room for the batches in flight; a full channel makes senders wait, which is the
         // back-pressure we want.
@@ -54,7 +66,7 @@ impl ModelHandle {
         let thread_spec = Arc::clone(&spec);
         std::thread::Builder::new()
             .name(format!("model-{}", spec.name))
-            .spawn(move || model_thread(&thread_spec, device, receiver, ready_tx))
+            .spawn(move || model_thread(&thread_spec, device, load, receiver, ready_tx))
             .map_err(|_| RuntimeError::Stopped(spec.name.clone()))?;
         ready_rx.await.map_err(|_| RuntimeError::Stopped(spec.name.clone()))??;
         Ok(Self { spec, breaker: SharedBreaker::new(breaker), commands })
@@ -78,11 +90,12 @@ impl ModelHandle {
 fn model_thread(
     spec: &ModelSpec,
     device: Device,
+    load: impl FnOnce() -> Result<Box<dyn Engine>, EngineError>,
     commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), EngineError>>,
 ) {
     let started = Instant::now();
-    let mut engine = match engine::load(spec, device) {
+    let mut engine = match load() {
         Ok(engine) => engine,
         Err(error) => {
             let _ = ready.send(Err(error));
@@ -99,9 +112,23 @@ fn model_thread(
     while let Ok(command) = commands.recv() {
         let _entered = command.span.enter();
         let started = Instant::now();
-        let output =
-            engine.infer(&command.inputs).map(|results| BatchOutput { results, inference_time: started.elapsed() });
+        // A panic in the engine (tch panics where its non-`f_` functions fail; a bug)
+        // would end this thread, and every later batch would fail `Stopped` while the
+        // worker kept taking jobs. Caught, it fails this batch with a retryable error
+        // that the model's breaker counts: an engine broken for good opens the breaker,
+        // and the jobs wait in the queue for healthy workers.
+        let output = std::panic::catch_unwind(AssertUnwindSafe(|| engine.infer(&command.inputs)))
+            .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(panic.as_ref()))))
+            .map(|results| BatchOutput { results, inference_time: started.elapsed() });
         let _ = command.reply.send(output);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".to_owned(),
     }
 }
 
@@ -116,4 +143,40 @@ fn warm_up(engine: &mut dyn Engine) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::engine::ItemResult;
+
+    /// Echoes its inputs; panics on `"panic"`, as tch does where a call fails.
+    struct Echo;
+
+    impl Engine for Echo {
+        fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
+            assert!(!inputs.contains(&json!("panic")), "simulated tch panic");
+            Ok(inputs.iter().cloned().map(Ok).collect())
+        }
+
+        fn sample_input(&self) -> Value {
+            json!("warm")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_fails_alone_and_the_model_keeps_serving() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let manifest = spool_shared::manifest::Manifest::load(&models).expect("the manifest loads");
+        let spec = manifest.models.into_iter().next().expect("a model");
+        let handle = ModelHandle::start_with(spec, Device::Cpu, BreakerSettings::default(), || Ok(Box::new(Echo)))
+            .await
+            .expect("the model starts");
+        let failed = handle.infer(vec![json!("panic")]).await;
+        assert!(matches!(failed, Err(RuntimeError::Engine(EngineError::Panicked(_)))), "{:?}", failed.err());
+        let served = handle.infer(vec![json!(1), json!(2)]).await.expect("the model thread is alive");
+        assert_eq!(served.results.into_iter().map(Result::ok).collect::<Vec<_>>(), [Some(json!(1)), Some(json!(2))]);
+    }
 }

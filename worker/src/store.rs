@@ -55,16 +55,40 @@ impl Completion {
     }
 }
 
+/// What one batch asks to claim.
+#[derive(Debug)]
+pub struct ClaimRequest {
+    /// Every job the batch holds a message for.
+    pub ids: Vec<Uuid>,
+    /// Jobs whose message was redelivered (its previous worker died before acking): a
+    /// `running` one is taken over, whatever its attempt.
+    pub redelivered: Vec<Uuid>,
+    /// Retry messages with the attempt each follows: a job still `running` at that
+    /// attempt never had the attempt's result written (the write may yet come, late),
+    /// so it is taken over; the late write then matches no row.
+    pub retries: Vec<(Uuid, i32)>,
+    /// Marks the rows this batch claims, so that running the same claim again (its
+    /// commit went through but the reply was lost) returns them instead of nothing.
+    pub token: Uuid,
+}
+
+impl ClaimRequest {
+    /// A claim of `ids` with a fresh token and nothing to take over.
+    pub fn new(ids: Vec<Uuid>) -> Self {
+        Self { ids, redelivered: Vec::new(), retries: Vec::new(), token: Uuid::now_v7() }
+    }
+}
+
 /// Moves `queued` jobs to `running`. A job already `running` is taken over only when its
-/// message was redelivered (its previous worker died before acking). Canceled and
-/// finished jobs are not returned: their messages only need an ack. Queued jobs past
-/// their time-to-start deadline are failed with `deadline_exceeded` instead, unrun.
-pub async fn claim(
-    db: &DatabaseConnection,
-    ids: &[Uuid],
-    redelivered: &[Uuid],
-    worker_id: &str,
-) -> Result<Vec<ClaimedJob>, DbErr> {
+/// message was redelivered or is the retry of its current attempt (see [`ClaimRequest`]);
+/// one this same claim already took is returned again, unchanged. Canceled and finished
+/// jobs are not returned: their messages only need an ack. Queued jobs past their
+/// time-to-start deadline are failed with `deadline_exceeded` instead, unrun (a retry
+/// has started already: the deadline no longer applies to it).
+pub async fn claim(db: &DatabaseConnection, request: &ClaimRequest, worker_id: &str) -> Result<Vec<ClaimedJob>, DbErr> {
+    let (retry_ids, retry_attempts): (Vec<Uuid>, Vec<i32>) = request.retries.iter().copied().unzip();
+    // The final SELECT reads the rows as they were before this statement, so a row the
+    // `claimed` UPDATE takes now is not also returned by the second branch.
     let statement = Statement::from_sql_and_values(
         DbBackend::Postgres,
         r#"WITH expired AS (
@@ -72,18 +96,34 @@ pub async fn claim(
                   SET status = 'failed', completed_at = now(),
                       error = jsonb_build_object('code', 'deadline_exceeded', 'retryable', false,
                           'message', 'the job did not start before its deadline')
-                WHERE id = ANY($1) AND status = 'queued' AND start_deadline < now()
-            RETURNING id, pg_notify($4, id::text))
-           UPDATE jobs
-              SET status = 'running',
-                  attempts = attempts + 1,
-                  started_at = now(),
-                  worker_id = $3,
-                  queue_ms = EXTRACT(EPOCH FROM (now() - created_at)) * 1000
-            WHERE id = ANY($1) AND id NOT IN (SELECT id FROM expired)
-              AND (status = 'queued' OR (status = 'running' AND id = ANY($2)))
-        RETURNING id, input, attempts"#,
-        [ids.to_vec().into(), redelivered.to_vec().into(), worker_id.into(), JOB_DONE_CHANNEL.into()],
+                WHERE id = ANY($1) AND status = 'queued' AND start_deadline < now() AND attempts = 0
+            RETURNING id, pg_notify($4, id::text)),
+           claimed AS (
+               UPDATE jobs
+                  SET status = 'running',
+                      attempts = attempts + 1,
+                      started_at = now(),
+                      worker_id = $3,
+                      claim_token = $5,
+                      queue_ms = EXTRACT(EPOCH FROM (now() - created_at)) * 1000
+                WHERE id = ANY($1) AND id NOT IN (SELECT id FROM expired)
+                  AND (status = 'queued'
+                       OR (status = 'running' AND claim_token IS DISTINCT FROM $5
+                           AND (id = ANY($2)
+                                OR (id, attempts) IN (SELECT * FROM unnest($6::uuid[], $7::integer[])))))
+            RETURNING id, input, attempts)
+           SELECT id, input, attempts FROM claimed
+           UNION ALL
+           SELECT id, input, attempts FROM jobs WHERE id = ANY($1) AND status = 'running' AND claim_token = $5"#,
+        [
+            request.ids.clone().into(),
+            request.redelivered.clone().into(),
+            worker_id.into(),
+            JOB_DONE_CHANNEL.into(),
+            request.token.into(),
+            retry_ids.into(),
+            retry_attempts.into(),
+        ],
     );
     db.query_all_raw(statement)
         .await?

@@ -8,6 +8,7 @@ use lapin::types::FieldTable;
 use sea_orm::ConnectionTrait;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
+use spool_shared::Settings;
 use spool_shared::amqp::Topology;
 use spool_tests::{AppOptions, StatusCode, TestApp, test_settings};
 
@@ -200,22 +201,46 @@ async fn a_failing_model_opens_its_breaker_the_api_answers_503_and_it_recovers_b
     assert_eq!(workers["data"][0]["device"], "cpu");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_the_broker_dead_letters_still_ends_its_job() {
+/// Takes the model's next message, as a worker whose attempt failed would, and sends it
+/// through the retry tier (whose TTL dead-letters it back to the job queue).
+async fn send_through_the_retry_tier(settings: &Settings, model: &str) {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+
+    let topology = Topology::new(settings);
+    let connection = lapin::Connection::connect(settings.amqp_url.expose_secret(), Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            topology.job_queue(model).as_str().into(),
+            "retrier".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+    let tier = topology.retry_exchange(topology.retry_tiers()[0]);
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let publish = BasicPublishOptions::default();
+    let confirm = channel.basic_publish(tier.as_str().into(), model.into(), publish, &delivery.data, properties);
+    assert!(confirm.await.unwrap().await.unwrap().is_ack());
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+}
+
+/// A consumer that "crashes" on the model's message every time, until the broker gives up
+/// after `x-delivery-limit` and dead-letters it.
+async fn crash_until_dead_lettered(settings: &Settings, model: &str) {
     use futures::StreamExt;
     use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 
-    let settings = test_settings().await;
-    let mut app = TestApp::start(settings.clone(), AppOptions { worker_models: vec![], ..Default::default() }).await;
-    let id = app.submit("digits-cnn", json!({"pixels": vec![4; 64]})).await;
-
-    // A consumer that "crashes" on the message every time: the broker gives up after
-    // x-delivery-limit and dead-letters it.
     let connection = lapin::Connection::connect(settings.amqp_url.expose_secret(), Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut consumer = channel
         .basic_consume(
-            Topology::new(&settings).job_queue("digits-cnn").as_str().into(),
+            Topology::new(settings).job_queue(model).as_str().into(),
             "crasher".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -229,6 +254,16 @@ async fn a_message_the_broker_dead_letters_still_ends_its_job() {
     }
     assert_eq!(deliveries, spool_shared::amqp::DELIVERY_LIMIT + 1);
     connection.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_dead_letters_still_ends_its_job() {
+    let settings = test_settings().await;
+    let mut app = TestApp::start(settings.clone(), AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let id = app.submit("digits-cnn", json!({"pixels": vec![4; 64]})).await;
+    // Retried once first: the message's first death is `expired` (out of the retry tier).
+    send_through_the_retry_tier(&settings, "digits-cnn").await;
+    crash_until_dead_lettered(&settings, "digits-cnn").await;
 
     // A worker's dead-letter sink records the job as failed: it does not stay queued.
     app.start_worker(&["digits-cnn"]).await;
@@ -236,7 +271,71 @@ async fn a_message_the_broker_dead_letters_still_ends_its_job() {
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["dead_lettered"], true);
     assert_eq!(job["error"]["code"], "delivery_limit");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(delivery_limit)"), "the latest death's reason: {message}");
     app.stop_worker().await;
+}
+
+/// The dead-letter sink keeps a message it cannot record yet and retries the write (before,
+/// it neither acked nor nacked it: the job stayed unrecorded until the connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_recorded_once_the_database_takes_the_write_again() {
+    let settings = test_settings().await;
+    let mut app = TestApp::start(settings.clone(), AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let id = app.submit("digits-cnn", json!({"pixels": vec![4; 64]})).await;
+    crash_until_dead_lettered(&settings, "digits-cnn").await;
+
+    // PostgreSQL refuses the sink's write (a trigger raises, as a failing database would).
+    app.db
+        .execute_unprepared(
+            "CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'simulated database failure'; END $$; \
+             CREATE TRIGGER refuse_dead_letters BEFORE UPDATE ON jobs FOR EACH ROW \
+             WHEN (NEW.dead_lettered) EXECUTE FUNCTION refuse_write()",
+        )
+        .await
+        .unwrap();
+    app.start_worker(&["digits-cnn"]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let job: Value = app.get_job(&id).await.json().await.unwrap();
+    assert_eq!(job["status"], "queued", "not recorded while the write fails: {job}");
+
+    app.db.execute_unprepared("DROP TRIGGER refuse_dead_letters ON jobs").await.unwrap();
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["dead_lettered"], true);
+    app.stop_worker().await;
+}
+
+/// A batch taken just as the model's breaker opens waits, unclaimed, until the breaker
+/// admits it (before, it was claimed, refused and requeued: an attempt spent and a
+/// `job.started` sent without running, a delivery counted toward the delivery limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_taken_while_the_model_breaker_is_open_waits_for_it_unclaimed() {
+    let mut settings = test_settings().await;
+    settings.worker.max_attempts = 1;
+    settings.worker.fail_marker = Some("POISON".into());
+    // One beat at start: the API keeps accepting while this worker's breaker is open.
+    settings.worker.heartbeat_interval_ms = 60_000;
+    settings.worker.model_breaker = spool_shared::breaker::BreakerSettings {
+        failure_rate: 0.5,
+        window: 1,
+        min_calls: 1,
+        open_for_ms: 2000,
+        probes: 1,
+    };
+    let app = TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await;
+
+    // The poison opens the breaker while the consumer already waits for its next batch.
+    let poison = app.submit("minilm-embed", json!({"text": "POISON"})).await;
+    let poison = app.wait_finished(&poison, Duration::from_secs(30)).await;
+    assert_eq!(poison["status"], "failed", "{poison}");
+    let healthy = app.submit("minilm-embed", json!({"text": "arrives while the breaker is open"})).await;
+    let job = app.wait_finished(&healthy, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{}", job["error"]);
+    assert_eq!(job["attempts"], 1, "no attempt spent while the breaker refused");
+    let waited = time(&job["started_at"]) - time(&poison["completed_at"]);
+    assert!(waited.num_milliseconds() >= 1500, "it ran once the breaker let a probe through, after {waited}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,6 +366,22 @@ async fn a_job_past_its_start_deadline_fails_without_running() {
     assert!(late["started_at"].is_null());
     let in_time = app.wait_finished(in_time["id"].as_str().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(in_time["status"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_started_in_time_keeps_its_retries_past_the_start_deadline() {
+    let mut settings = test_settings().await;
+    settings.amqp.retry_tiers_ms = vec![700];
+    settings.worker.max_attempts = 3;
+    settings.worker.fail_marker = Some("POISON".into());
+    let app = TestApp::start(settings, AppOptions { worker_models: vec!["minilm-embed"], ..Default::default() }).await;
+    // Its retries come back 0.7 and 1.4 s after it started, past its 1 s deadline.
+    let body = json!({"model": "minilm-embed", "input": {"text": "a POISON pill"}, "start_within_secs": 1});
+    let job: Value = app.post_job(&body).await.json().await.unwrap();
+    let job = app.wait_finished(job["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "injected_fault", "{job}");
+    assert_eq!(job["attempts"], 3, "{job}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

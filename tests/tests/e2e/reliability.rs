@@ -10,8 +10,9 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::job::JobError;
 use spool_tests::{AppOptions, StatusCode, TestApp, test_settings};
-use spool_worker::store::{self, Completion, Outcome};
+use spool_worker::store::{self, ClaimRequest, Completion, Outcome};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +68,7 @@ async fn a_job_whose_worker_crashed_completes_exactly_once() {
         .unwrap();
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(JobEnvelope::from_bytes(&delivery.data).unwrap().job_id, id);
-    let claimed = store::claim(&app.db, &[id], &[], "doomed-worker").await.unwrap();
+    let claimed = store::claim(&app.db, &ClaimRequest::new(vec![id]), "doomed-worker").await.unwrap();
     assert_eq!(claimed.len(), 1);
     let doomed_attempt = claimed[0].attempt;
     connection.close(320, "simulated crash".into()).await.unwrap();
@@ -121,6 +122,81 @@ async fn a_worker_stopped_mid_stream_leaves_no_job_behind() {
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["attempts"], 1, "no job needed a second attempt: {job}");
     }
+}
+
+/// The job's status and attempts, as the database has them.
+async fn status_and_attempts(app: &TestApp, id: Uuid) -> (String, i32) {
+    let row = app
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT status, attempts FROM jobs WHERE id = $1",
+            [id.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    (row.try_get("", "status").unwrap(), row.try_get("", "attempts").unwrap())
+}
+
+/// A retryable failure publishes its retry before it writes the job back to `queued`. If
+/// that write is held up (a database blip) longer than the retry tier's delay, the retry
+/// comes back to a job still `running` its failed attempt: it takes the job over, and the
+/// late write of the old attempt changes nothing. (Before, the retry was acked as
+/// settled, the late write set `queued`, and the job waited forever with no message.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_overtakes_its_attempts_late_write_takes_the_job_over() {
+    let app = TestApp::start(test_settings().await, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let id: Uuid = app.submit("digits-cnn", json!({"pixels": vec![5; 64]})).await.parse().unwrap();
+    let first = store::claim(&app.db, &ClaimRequest::new(vec![id]), "slow-writer").await.unwrap();
+    assert_eq!(first[0].attempt, 1);
+
+    // A copy that is neither redelivered nor the retry of attempt 1 leaves it alone.
+    assert!(store::claim(&app.db, &ClaimRequest::new(vec![id]), "other").await.unwrap().is_empty());
+    let retry = || ClaimRequest { retries: vec![(id, 1)], ..ClaimRequest::new(vec![id]) };
+    let taken = store::claim(&app.db, &retry(), "next-worker").await.unwrap();
+    assert_eq!(taken.len(), 1, "the retry takes the job over");
+    assert_eq!(taken[0].attempt, 2);
+
+    let late = Completion {
+        id,
+        attempt: 1,
+        outcome: Outcome::Retrying { error: JobError::retryable("injected_fault", "attempt 1 failed"), tier: 0 },
+        trace_id: None,
+    };
+    assert_eq!(store::complete(&app.db, &[late], 1.0).await.unwrap(), 0, "the late write matches nothing");
+    assert_eq!(status_and_attempts(&app, id).await, ("running".to_owned(), 2));
+    // Another copy of the same retry finds its attempt over.
+    assert!(store::claim(&app.db, &retry(), "late-copy").await.unwrap().is_empty());
+}
+
+/// A claim that committed but whose reply was lost (connection reset) is run again by the
+/// worker: the second run returns the jobs the first one took, at the same attempt, instead
+/// of nothing (which acked their messages and left the jobs `running` forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_run_again_after_its_reply_was_lost_returns_the_jobs_it_took() {
+    let app = TestApp::start(test_settings().await, AppOptions { worker_models: vec![], ..Default::default() }).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(app.submit("digits-cnn", json!({"pixels": vec![i; 64]})).await.parse::<Uuid>().unwrap());
+    }
+    let request = ClaimRequest::new(ids.clone());
+    let first = store::claim(&app.db, &request, "w").await.unwrap();
+    assert_eq!(first.len(), 3);
+    let again = store::claim(&app.db, &request, "w").await.unwrap();
+    let mut attempts: Vec<(Uuid, i32)> = again.iter().map(|job| (job.id, job.attempt)).collect();
+    attempts.sort();
+    let mut expected: Vec<(Uuid, i32)> = ids.iter().map(|&id| (id, 1)).collect();
+    expected.sort();
+    assert_eq!(attempts, expected, "the same jobs, the same attempt");
+    // Even where its messages now read as redelivered, each job comes back once, unchanged.
+    let redelivered =
+        ClaimRequest { ids: ids.clone(), redelivered: ids.clone(), retries: Vec::new(), token: request.token };
+    let once = store::claim(&app.db, &redelivered, "w").await.unwrap();
+    assert_eq!(once.len(), 3);
+    assert!(once.iter().all(|job| job.attempt == 1));
+    // Another batch's claim does not get them.
+    assert!(store::claim(&app.db, &ClaimRequest::new(ids.clone()), "w2").await.unwrap().is_empty());
 }
 
 /// Closes the broker side of every connection whose name contains `needle`, as a

@@ -50,10 +50,15 @@ impl Engine for DigitsEngine {
             return Ok(merge(results, std::iter::empty(), std::iter::empty()));
         }
         let flat: Vec<f32> = decoded.iter().flat_map(|(_, pixels)| pixels.iter().copied()).collect();
-        let batch = Tensor::from_slice(&flat).view([decoded.len() as i64, PIXELS as i64]).to_device(self.device);
-        let probabilities =
-            tch::no_grad(|| self.module.forward_ts(&[batch]))?.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
-        let values = Vec::<f32>::try_from(probabilities.view([-1]))?;
+        // The fallible `f_` calls: a failed device copy fails the batch (retryable) instead
+        // of panicking on the model thread.
+        let batch =
+            Tensor::f_from_slice(&flat)?.f_view([decoded.len() as i64, PIXELS as i64])?.f_to_device(self.device)?;
+        let probabilities = tch::no_grad(|| self.module.forward_ts(&[batch]))?
+            .f_to_kind(Kind::Float)?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+        let values = Vec::<f32>::try_from(probabilities.f_view([-1])?)?;
         let outputs = values.chunks(CLASSES).map(|row| {
             let label =
                 row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(label, _)| label).unwrap_or_default();

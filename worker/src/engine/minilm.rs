@@ -63,13 +63,15 @@ impl MiniLmEngine {
             }
         }
         let shape = [rows.len() as i64, width as i64];
-        let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
-        let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
+        // The fallible `f_` calls: a failed device copy fails the batch (retryable) instead
+        // of panicking on the model thread.
+        let ids = Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(self.device)?;
+        let mask = Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(self.device)?;
         let embeddings = tch::no_grad(|| self.module.forward_ts(&[ids, mask]))?
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .contiguous();
-        Ok(Vec::<f32>::try_from(embeddings.view([-1]))?)
+            .f_to_kind(Kind::Float)?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+        Ok(Vec::<f32>::try_from(embeddings.f_view([-1])?)?)
     }
 }
 

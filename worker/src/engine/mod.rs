@@ -31,6 +31,9 @@ pub enum EngineError {
     Forward(#[from] tch::TchError),
     #[error("tokenization failed: {0}")]
     Tokenize(String),
+    /// The engine panicked mid-batch (the model thread caught it): the batch may be retried.
+    #[error("the engine panicked: {0}")]
+    Panicked(String),
 }
 
 pub trait Engine: Send {
