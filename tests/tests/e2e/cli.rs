@@ -72,6 +72,11 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
         spoolctl_with(&home, &[("SPOOL_URL", &url)], &["login", "--email", &email], Some("nope-nope-nope\n")).await;
     assert_eq!(wrong.code, 3, "{}", wrong.stderr);
     assert!(wrong.stderr.contains("invalid_credentials"), "{}", wrong.stderr);
+    // A config file already there, readable by all, is made private as the token goes in.
+    let config = home.join("spool/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, "").unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let login = spoolctl_with(
         &home,
         &[("SPOOL_URL", &url)],
@@ -80,7 +85,6 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
     )
     .await;
     assert_eq!(login.code, 0, "{}", login.stderr);
-    let config = home.join("spool/config.toml");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     let with_config = |args: &'static [&'static str]| spoolctl_with(&home, &[], args, None);

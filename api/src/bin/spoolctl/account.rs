@@ -77,5 +77,7 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
         std::fs::create_dir_all(dir)?;
     }
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    // `mode` applies only to a file it creates: one that was already there keeps its own.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(contents.as_bytes())
 }
