@@ -191,7 +191,7 @@ fn endpoint(state: AppState) -> impl Endpoint {
     let metrics = telemetry::metrics_handle();
     let max_body = state.settings.api.max_body_bytes;
     let max_batch = state.settings.api.max_batch_bytes;
-    let batch_uploads =
+    let batch_turns =
         Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
     Route::new()
         .nest("/", api)
@@ -204,21 +204,16 @@ fn endpoint(state: AppState) -> impl Endpoint {
             }),
         )
         .around(move |endpoint, request| {
-            // Batches are the one place for large bodies. A batch is parsed whole, and as
-            // JSON values it takes up to ~30× its bytes: uploads take turns, one per core
-            // (parsing is CPU work anyway), so memory is bounded by the cores, not the callers.
-            let is_batch = request.uri().path() == "/v1/batches";
-            let max = if is_batch { max_batch } else { max_body };
-            let uploads =
-                (is_batch && request.method() == poem::http::Method::POST).then(|| Arc::clone(&batch_uploads));
+            let batch_turns = Arc::clone(&batch_turns);
             async move {
-                let _turn = match &uploads {
-                    Some(uploads) => {
-                        Some(uploads.acquire().await.expect("the semaphore is never closed. This is a bug."))
-                    }
-                    None => None,
-                };
-                limit_body(endpoint, request, max).await
+                // Batches are the one place for large bodies.
+                let is_batch = request.uri().path() == "/v1/batches" && request.method() == poem::http::Method::POST;
+                let request = limit_body(request, if is_batch { max_batch } else { max_body })?;
+                if is_batch {
+                    batch_in_turn(&endpoint, request, &batch_turns).await
+                } else {
+                    Ok(endpoint.call(request).await?.into_response())
+                }
             }
         })
         // Outside the body limit: a request without a valid token, or over its rate, is
@@ -269,14 +264,14 @@ fn is_plain_request_id(id: &str) -> bool {
 /// without one (HTTP/1.1 chunked, or HTTP/2, which needs neither header) is counted as
 /// the handler reads it, and fails with [`error::BodyTooLarge`] past `max`: nothing is
 /// read before the handler asks, so a request refused for its token costs no reading.
-async fn limit_body<E: Endpoint>(endpoint: E, mut request: Request, max: usize) -> poem::Result<Response> {
+fn limit_body(mut request: Request, max: usize) -> Result<Request, error::BodyTooLarge> {
     let declared = request
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     match declared {
-        Some(length) if length > max => return Err(error::BodyTooLarge { max }.into()),
+        Some(length) if length > max => return Err(error::BodyTooLarge { max }),
         Some(_) => {}
         None => {
             let mut read = 0;
@@ -288,6 +283,25 @@ async fn limit_body<E: Endpoint>(endpoint: E, mut request: Request, max: usize) 
             request.set_body(poem::Body::from_bytes_stream(counted));
         }
     }
+    Ok(request)
+}
+
+/// A batch is parsed whole, and as JSON values it takes up to ~30× its bytes. Its body is
+/// read first, at the client's pace, holding only its bytes; then batches take turns, one
+/// per core, to parse and insert: that memory is bounded by the cores, not the callers,
+/// and a slow upload holds no turn. A request without a valid token is passed on unread,
+/// to be refused.
+async fn batch_in_turn<E: Endpoint>(
+    endpoint: &E,
+    mut request: Request,
+    turns: &tokio::sync::Semaphore,
+) -> poem::Result<Response> {
+    if !matches!(request.extensions().get::<auth::AuthOutcome>(), Some(auth::AuthOutcome::Authenticated(_))) {
+        return Ok(endpoint.call(request).await?.into_response());
+    }
+    let body = request.take_body().into_bytes().await?;
+    request.set_body(body);
+    let _turn = turns.acquire().await.expect("the semaphore is never closed. This is a bug.");
     Ok(endpoint.call(request).await?.into_response())
 }
 

@@ -168,6 +168,14 @@ async fn a_bad_line_or_item_refuses_the_whole_batch_naming_it() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("\"code\":\"body_too_large\""), "{response}");
 
+    // Without a token, a chunked upload is refused before any of it is read: the answer
+    // comes though the body never does.
+    let head = "POST /v1/batches?model=digits-cnn HTTP/1.1\r\nHost: x\r\n\
+                Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let response = crate::jobs::raw_http(&app.address, head.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(response.contains("\"code\":\"missing_token\""), "{response}");
+
     let response = post_ndjson(&app, "no-such-model", good.clone()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let response = post_ndjson(&app, "digits-cnn", String::new()).send().await.unwrap();
