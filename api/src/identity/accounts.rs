@@ -98,8 +98,6 @@ async fn issue_email_token(
     Ok(secret)
 }
 
-/// Mails a verification token. A mail failure does not fail the request: the user can
-/// ask for another mail.
 /// The mails that carry a single-use token.
 #[derive(Clone, Copy)]
 enum AccountMail {
@@ -108,7 +106,8 @@ enum AccountMail {
 }
 
 /// Issues the mail's token and sends it, in the background: an answer that waited for
-/// the SMTP server only when the address has an account would tell who has one.
+/// the SMTP server only when the address has an account would tell who has one. A failed
+/// mail fails no request: it is logged, and the user can ask for another.
 fn send_account_mail(state: &AppState, user: users::Model, mail: AccountMail) {
     let state = state.clone();
     tokio::spawn(async move {
