@@ -105,7 +105,13 @@ pub async fn claim(db: &DatabaseConnection, request: &ClaimRequest, worker_id: &
                       started_at = now(),
                       worker_id = $3,
                       claim_token = $5,
-                      queue_ms = EXTRACT(EPOCH FROM (now() - created_at)) * 1000
+                      queue_ms = EXTRACT(EPOCH FROM (now() - created_at)) * 1000,
+                      -- A takeover ends the attempt it replaces: logged, as every attempt is.
+                      attempt_log = CASE WHEN status = 'running'
+                          THEN attempt_log || jsonb_build_array(jsonb_build_object(
+                              'attempt', attempts, 'worker_id', worker_id, 'started_at', started_at,
+                              'finished_at', now(), 'outcome', 'taken_over', 'error', NULL))
+                          ELSE attempt_log END
                 WHERE id = ANY($1) AND id NOT IN (SELECT id FROM expired)
                   AND (status = 'queued'
                        OR (status = 'running' AND claim_token IS DISTINCT FROM $5

@@ -925,8 +925,12 @@ async fn run_drill(config: &Arc<Config>, services: &Services, secret: &str, max_
         vec![],
     )
     .await?;
-    let taken_over =
-        number(&db, "SELECT count(*) AS n FROM jobs WHERE attempts > jsonb_array_length(attempt_log)", vec![]).await?;
+    let taken_over = number(
+        &db,
+        "SELECT count(*) AS n FROM jobs, jsonb_array_elements(attempt_log) e WHERE e->>'outcome' = 'taken_over'",
+        vec![],
+    )
+    .await?;
     let unpublished = number(&db, "SELECT count(*) AS n FROM jobs WHERE published_at IS NULL", vec![]).await?;
     let last_healthy_ms = number(
         &db,
@@ -963,7 +967,7 @@ async fn run_drill(config: &Arc<Config>, services: &Services, secret: &str, max_
     println!("| **lost** (accepted, no row or not terminal) | **{}** |", missing.len() + stuck.len());
     println!("| **duplicates** (key with two jobs / completed twice) | **{duplicate_keys} / {}** |", twice.len());
     println!(
-        "| max attempts seen | {max_seen} (healthy jobs run more than once: {retried}; attempts without a log entry, i.e. a claim cut off by a kill: {taken_over}) |"
+        "| max attempts seen | {max_seen} (healthy jobs run more than once: {retried}; attempts taken over, i.e. cut off by a kill: {taken_over}) |"
     );
     println!("| jobs whose `published_at` mark was lost (killed API; harmless once terminal) | {unpublished} |");
     println!("| total run | {total:.1} s |");

@@ -166,6 +166,20 @@ async fn a_retry_that_overtakes_its_attempts_late_write_takes_the_job_over() {
     };
     assert_eq!(store::complete(&app.db, &[late], 1.0).await.unwrap(), 0, "the late write matches nothing");
     assert_eq!(status_and_attempts(&app, id).await, ("running".to_owned(), 2));
+    let row = app
+        .db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT attempt_log FROM jobs WHERE id = $1",
+            [id.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let log: Value = row.try_get("", "attempt_log").unwrap();
+    assert_eq!(log.as_array().map(Vec::len), Some(1), "the replaced attempt is logged: {log}");
+    assert_eq!((&log[0]["attempt"], &log[0]["worker_id"]), (&json!(1), &json!("slow-writer")), "{log}");
+    assert_eq!(log[0]["outcome"], "taken_over", "{log}");
     // Another copy of the same retry finds its attempt over.
     assert!(store::claim(&app.db, &retry(), "late-copy").await.unwrap().is_empty());
 }
