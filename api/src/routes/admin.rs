@@ -25,7 +25,8 @@ pub struct DeadLetter {
     pub attempts: i32,
     /// The last error: `{code, message, retryable}`.
     pub error: serde_json::Value,
-    /// Every attempt: `{attempt, worker_id, started_at, finished_at, outcome, error}`.
+    /// Every attempt: `{attempt, worker_id, started_at, finished_at, outcome, error}`;
+    /// `outcome` is `succeeded`, `failed`, `retry`, `dead_lettered` or `taken_over`.
     pub attempt_log: serde_json::Value,
     #[oai(nullable)]
     pub failed_at: Option<DateTime<Utc>>,
