@@ -124,19 +124,20 @@ async fn a_worker_stopped_mid_stream_leaves_no_job_behind() {
     }
 }
 
-/// The job's status and attempts, as the database has them.
-async fn status_and_attempts(app: &TestApp, id: Uuid) -> (String, i32) {
+/// The job's status, attempts and attempt log, as the database has them.
+async fn status_attempts_and_log(app: &TestApp, id: Uuid) -> (String, i32, Value) {
     let row = app
         .db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT status, attempts FROM jobs WHERE id = $1",
+            "SELECT status, attempts, attempt_log FROM jobs WHERE id = $1",
             [id.into()],
         ))
         .await
         .unwrap()
         .unwrap();
-    (row.try_get("", "status").unwrap(), row.try_get("", "attempts").unwrap())
+    let status = row.try_get("", "status").unwrap();
+    (status, row.try_get("", "attempts").unwrap(), row.try_get("", "attempt_log").unwrap())
 }
 
 /// A retryable failure publishes its retry before it writes the job back to `queued`. If
@@ -165,18 +166,8 @@ async fn a_retry_that_overtakes_its_attempts_late_write_takes_the_job_over() {
         trace_id: None,
     };
     assert_eq!(store::complete(&app.db, &[late], 1.0).await.unwrap(), 0, "the late write matches nothing");
-    assert_eq!(status_and_attempts(&app, id).await, ("running".to_owned(), 2));
-    let row = app
-        .db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT attempt_log FROM jobs WHERE id = $1",
-            [id.into()],
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    let log: Value = row.try_get("", "attempt_log").unwrap();
+    let (status, attempts, log) = status_attempts_and_log(&app, id).await;
+    assert_eq!((status.as_str(), attempts), ("running", 2));
     assert_eq!(log.as_array().map(Vec::len), Some(1), "the replaced attempt is logged: {log}");
     assert_eq!((&log[0]["attempt"], &log[0]["worker_id"]), (&json!(1), &json!("slow-writer")), "{log}");
     assert_eq!(log[0]["outcome"], "taken_over", "{log}");
