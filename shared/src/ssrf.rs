@@ -4,8 +4,9 @@
 //!
 //! Refused: private, loopback, link-local (cloud metadata lives there), CGNAT,
 //! multicast, broadcast, unspecified and reserved addresses, IPv4 and IPv6, including
-//! IPv4-mapped and NAT64 forms (6to4, Teredo and local-use NAT64 are refused whole). Hosts in the configured allowlist skip the address check
-//! (local development and tests) and may use plain `http`; everything else needs `https`.
+//! IPv4-mapped and NAT64 forms (6to4, Teredo and local-use NAT64 are refused whole).
+//! Hosts in the configured allowlist skip the address check (local development and
+//! tests) and may use plain `http`; everything else needs `https`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
