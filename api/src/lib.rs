@@ -274,8 +274,14 @@ fn limit_body(mut request: Request, max: usize) -> Result<Request, error::BodyTo
         Some(length) if length > max => return Err(error::BodyTooLarge { max }),
         Some(_) => {}
         None => {
+            let body = request.take_body();
+            if body.is_empty() {
+                // No body (every GET, long-polls included): nothing to count.
+                request.set_body(body);
+                return Ok(request);
+            }
             let mut read = 0;
-            let counted = request.take_body().into_bytes_stream().map(move |chunk| {
+            let counted = body.into_bytes_stream().map(move |chunk| {
                 let chunk = chunk?;
                 read += chunk.len();
                 if read > max { Err(std::io::Error::other(error::BodyTooLarge { max })) } else { Ok(chunk) }
