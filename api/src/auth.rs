@@ -28,7 +28,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::error::{ApiError, AuthFailure};
+use crate::error::{ApiError, AuthFailure, Dependency};
 
 /// What an API token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +112,7 @@ impl Principal {
             return Err(ApiError::NotOperator);
         }
         if !self.scopes.contains(&scope) {
-            return Err(ApiError::Forbidden(scope.as_str()));
+            return Err(ApiError::MissingScope(scope));
         }
         Ok(())
     }
@@ -151,7 +151,7 @@ async fn check_bearer(req: &Request, _bearer: Bearer) -> poem::Result<Principal>
     match req.extensions().get::<AuthOutcome>() {
         Some(AuthOutcome::Authenticated(principal)) => Ok(principal.clone()),
         Some(AuthOutcome::Refused(failure)) => Err(ApiError::Unauthorized(*failure).into()),
-        Some(AuthOutcome::Unavailable) => Err(ApiError::Unavailable("token store".into()).into()),
+        Some(AuthOutcome::Unavailable) => Err(ApiError::Unavailable(Dependency::TokenStore).into()),
         None => Err(ApiError::Unauthorized(AuthFailure::MissingToken).into()),
     }
 }

@@ -13,13 +13,12 @@ use spool_shared::amqp::JobEnvelope;
 use spool_shared::job::JOB_DONE_CHANNEL;
 use uuid::Uuid;
 
-use crate::catalog::{ModelCatalog, NUL_DETAIL};
+use crate::catalog::{MAX_FIELD_ERRORS, ModelCatalog, NUL_DETAIL};
 use crate::error::{ApiError, FieldError};
-use crate::jobs::{IdempotencyKey, JobWebhook};
+use crate::jobs::{IdempotencyKey, JobWebhook, WebhookRequest};
 use crate::publisher::Publisher;
+use crate::state::AppState;
 
-/// Most field errors one refused batch reports.
-const MAX_ERRORS: usize = 10;
 /// Rows per multi-row insert, and per page of streamed results.
 const CHUNK: usize = 1_000;
 
@@ -47,7 +46,7 @@ pub fn parse_ndjson(body: &[u8]) -> Result<Vec<BatchItem>, ApiError> {
         }
         match serde_json::from_str::<BatchItem>(line) {
             Ok(item) => items.push(BatchItem { line: Some(number), ..item }),
-            Err(error) if errors.len() < MAX_ERRORS => errors.push(FieldError {
+            Err(error) if errors.len() < MAX_FIELD_ERRORS => errors.push(FieldError {
                 pointer: format!("/items/{}", items.len() + errors.len()),
                 detail: format!("line {number}: {error}"),
             }),
@@ -74,7 +73,7 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
     // custom_id → the first item that used it: results are matched back by it.
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (index, item) in items.iter().enumerate() {
-        if errors.len() >= MAX_ERRORS {
+        if errors.len() >= MAX_FIELD_ERRORS {
             break;
         }
         let at = |pointer: String, detail: String| FieldError {
@@ -103,7 +102,7 @@ pub fn validate(catalog: &ModelCatalog, model: &str, items: &[BatchItem], max_it
         let found = catalog.input_errors(model, &item.input)?;
         errors.extend(found.into_iter().map(|e| at(e.pointer, e.detail)));
     }
-    errors.truncate(MAX_ERRORS);
+    errors.truncate(MAX_FIELD_ERRORS);
     if errors.is_empty() { Ok(()) } else { Err(ApiError::InvalidInput(errors)) }
 }
 
@@ -163,6 +162,31 @@ pub struct BatchOptions {
     pub webhook: Option<JobWebhook>,
     /// The submitting request's `x-request-id`: every job's trace id.
     pub request_id: Option<String>,
+}
+
+/// A batch as the client asked for it, before any check.
+pub struct BatchRequest {
+    pub model: String,
+    pub items: Vec<BatchItem>,
+    /// Per-job webhook for every job of the batch; it also receives `batch.completed`.
+    pub webhook: Option<WebhookRequest>,
+    pub key: Option<IdempotencyKey>,
+    pub request_id: Option<String>,
+}
+
+/// Checks every item against the model's schema (all or nothing), the webhook target, the
+/// model's health and the account's batch-job quota, then submits the batch.
+pub async fn accept(state: &AppState, owner_id: Uuid, request: BatchRequest) -> Result<Submission, ApiError> {
+    let BatchRequest { model, items, webhook, key, request_id } = request;
+    validate(&state.catalog, &model, &items, state.settings.api.max_batch_items)?;
+    let webhook = match webhook {
+        Some(webhook) => Some(webhook.check(state, owner_id).await?),
+        None => None,
+    };
+    state.workers.check_model(&model).await?;
+    state.limiter.admit_batch_jobs(owner_id, items.len(), state.settings.rate_limit.batch_jobs).await?;
+    let options = BatchOptions { webhook, request_id };
+    submit(&state.db, &state.publisher, owner_id, &model, items, key, options).await
 }
 
 /// Commits the batch and all its jobs in one transaction, then publishes them.
@@ -289,23 +313,31 @@ pub async fn get(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Result<Ba
     Ok(Batch::from_row(&row)?)
 }
 
-/// The caller's batches, newest first; `after` is the previous page's last id.
-pub async fn list(
-    db: &DatabaseConnection,
-    owner_id: Uuid,
-    limit: u64,
-    after: Option<Uuid>,
-) -> Result<Vec<Batch>, ApiError> {
+pub struct Page {
+    pub batches: Vec<Batch>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// A page of the caller's batches, newest first; `after` is the previous page's last id.
+pub async fn list(db: &DatabaseConnection, owner_id: Uuid, limit: u64, after: Option<Uuid>) -> Result<Page, ApiError> {
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
                 "{BATCH_SELECT} WHERE b.owner_id = $1 AND ($2::uuid IS NULL OR b.id < $2) ORDER BY b.id DESC LIMIT $3"
             ),
-            [owner_id.into(), after.into(), (limit as i64).into()],
+            [owner_id.into(), after.into(), (limit as i64 + 1).into()],
         ))
         .await?;
-    Ok(rows.iter().map(Batch::from_row).collect::<Result<_, _>>()?)
+    let mut batches: Vec<Batch> = rows.iter().map(Batch::from_row).collect::<Result<_, _>>()?;
+    let next_cursor = if batches.len() as u64 > limit {
+        batches.truncate(limit as usize);
+        batches.last().map(|batch| batch.id)
+    } else {
+        None
+    };
+    Ok(Page { batches, next_cursor })
 }
 
 /// Cancels the batch's jobs that have not started; returns how many.

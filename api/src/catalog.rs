@@ -8,8 +8,9 @@ use spool_shared::manifest::{Manifest, ModelSpec};
 
 use crate::error::{ApiError, FieldError};
 
-/// Most field errors reported for one request; the rest add nothing a client can use.
-const MAX_FIELD_ERRORS: usize = 10;
+/// Most field errors reported for one request (a job or a whole batch); the rest add
+/// nothing a client can use.
+pub const MAX_FIELD_ERRORS: usize = 10;
 
 #[derive(Clone)]
 pub struct ModelCatalog {

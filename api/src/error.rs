@@ -10,7 +10,13 @@ use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registr
 use poem_openapi::types::{ToJSON, Type};
 use poem_openapi::{ApiResponse, Object};
 
+use crate::auth::Scope;
+
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// `Retry-After` of a 503. Neither an outage nor an open breaker says when it ends; a few
+/// seconds lets clients see a recovery soon without hammering the API meanwhile.
+const RETRY_UNAVAILABLE_AFTER_SECS: u64 = 5;
 
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, Object)]
@@ -63,13 +69,13 @@ pub enum ApiError {
     NotCancelable(&'static str),
     #[error("{0}")]
     Unauthorized(AuthFailure),
-    #[error("the token lacks the {0} scope")]
-    Forbidden(&'static str),
+    #[error("the token lacks the {} scope", .0.as_str())]
+    MissingScope(Scope),
     /// Operators' endpoints and the `admin` scope, asked for by another account.
     #[error("only operators may do this; this account is not one")]
     NotOperator,
-    #[error("{0}")]
-    AccountForbidden(&'static str),
+    #[error("verify your email address first")]
+    EmailNotVerified,
     #[error("an account with this email already exists")]
     EmailTaken,
     #[error("too many requests; retry in {retry_after_secs} s")]
@@ -88,12 +94,38 @@ pub enum ApiError {
     WebhookNotFound,
     #[error("webhook delivery not found")]
     DeliveryNotFound,
-    #[error("a dependency is unavailable: {0}")]
-    Unavailable(String),
+    /// A paused subscription, or one disabled by its receiver's `410 Gone`.
+    #[error("the webhook subscription is disabled; enable it first")]
+    WebhookDisabled,
+    /// An account-wide cap on things that live long (tokens, subscriptions).
+    #[error("an account may have at most {max} {what}; revoke or delete one it no longer needs")]
+    LimitReached { what: &'static str, max: i64 },
+    #[error("a dependency is unavailable: {}", .0.as_str())]
+    Unavailable(Dependency),
     #[error("model {0:?} is failing on every worker (circuit breaker open); retry later")]
     ModelUnavailable(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+/// What could not be reached when a request gets a `503 service_unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Database,
+    /// Live workers and their breakers are read from Redis.
+    Redis,
+    /// Token revocation is looked up in Redis, then PostgreSQL: neither answered.
+    TokenStore,
+}
+
+impl Dependency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Database => "database",
+            Self::Redis => "redis",
+            Self::TokenStore => "token store",
+        }
+    }
 }
 
 /// Why a bearer token was refused; each has its own problem code.
@@ -142,7 +174,7 @@ impl From<sea_orm::DbErr> for ApiError {
         }
         if is_outage(&error) {
             tracing::warn!(error.cause_chain = ?error, "database unavailable");
-            return Self::Unavailable("database".into());
+            return Self::Unavailable(Dependency::Database);
         }
         Self::Unexpected(anyhow::Error::new(error).context("database"))
     }
@@ -190,9 +222,13 @@ impl ApiError {
             Self::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidRequest(_) | Self::InvalidBody { .. } | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::JobNotFound => StatusCode::NOT_FOUND,
-            Self::IdempotencyConflict | Self::NotCancelable(_) | Self::EmailTaken => StatusCode::CONFLICT,
+            Self::IdempotencyConflict
+            | Self::NotCancelable(_)
+            | Self::EmailTaken
+            | Self::WebhookDisabled
+            | Self::LimitReached { .. } => StatusCode::CONFLICT,
             Self::Unauthorized(_) | Self::BadCredentials => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::NotOperator | Self::AccountForbidden(_) => StatusCode::FORBIDDEN,
+            Self::MissingScope(_) | Self::NotOperator | Self::EmailNotVerified => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::LoginLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InvalidEmailToken => StatusCode::BAD_REQUEST,
             Self::TokenNotFound | Self::WebhookNotFound | Self::DeliveryNotFound | Self::BatchNotFound => {
@@ -214,8 +250,8 @@ impl ApiError {
             Self::IdempotencyConflict => "idempotency_key_reused",
             Self::NotCancelable(_) => "job_not_cancelable",
             Self::Unauthorized(failure) => failure.code(),
-            Self::Forbidden(_) | Self::NotOperator => "insufficient_scope",
-            Self::AccountForbidden(_) => "email_not_verified",
+            Self::MissingScope(_) | Self::NotOperator => "insufficient_scope",
+            Self::EmailNotVerified => "email_not_verified",
             Self::EmailTaken => "email_taken",
             Self::RateLimited { .. } => "rate_limited",
             Self::LoginLocked { .. } => "login_locked",
@@ -225,6 +261,8 @@ impl ApiError {
             Self::WebhookNotFound => "webhook_not_found",
             Self::BatchNotFound => "batch_not_found",
             Self::DeliveryNotFound => "delivery_not_found",
+            Self::WebhookDisabled => "webhook_disabled",
+            Self::LimitReached { .. } => "limit_reached",
             Self::Unavailable(_) => "service_unavailable",
             Self::ModelUnavailable(_) => "model_unavailable",
             Self::Unexpected(_) => "internal_error",
@@ -282,7 +320,7 @@ impl poem::error::ResponseError for ApiError {
                 .insert(poem::http::header::WWW_AUTHENTICATE, poem::http::HeaderValue::from_static("Bearer"));
         }
         let retry_after = match self {
-            Self::Unavailable(_) | Self::ModelUnavailable(_) => Some(5),
+            Self::Unavailable(_) | Self::ModelUnavailable(_) => Some(RETRY_UNAVAILABLE_AFTER_SECS),
             Self::RateLimited { retry_after_secs } | Self::LoginLocked { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         };

@@ -1,6 +1,7 @@
 //! Job rules: submission with idempotency, lookup, long-polling, listing and
 //! cancellation. Handlers call these; these never see HTTP types.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sea_orm::{
@@ -11,6 +12,7 @@ use sha2::{Digest, Sha256};
 use spool_shared::amqp::JobEnvelope;
 use spool_shared::entities::jobs;
 use spool_shared::job::{JOB_DONE_CHANNEL, JobStatus};
+use spool_shared::ssrf::TargetPolicy;
 use uuid::Uuid;
 
 use crate::catalog::ValidJobRequest;
@@ -18,6 +20,8 @@ use crate::completions::CompletionWaiters;
 use crate::error::ApiError;
 use crate::job_inserter::{JobInserter, NewJob};
 use crate::publisher::Publisher;
+use crate::state::AppState;
+use crate::webhooks;
 
 /// A client-chosen key that makes retrying `POST /v1/jobs` safe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +80,45 @@ pub struct JobOptions {
     /// The submitting request's `x-request-id`, kept as the job's trace id (not part of
     /// the idempotency hash: a client's retry is another request).
     pub request_id: Option<String>,
+}
+
+/// A job as the client asked for it, before any check.
+pub struct JobRequest {
+    pub model: String,
+    pub input: serde_json::Value,
+    pub start_within: Option<Duration>,
+    pub webhook: Option<WebhookRequest>,
+    pub key: Option<IdempotencyKey>,
+    pub request_id: Option<String>,
+}
+
+/// A job's own webhook as the client asked for it (for a job or every job of a batch).
+pub struct WebhookRequest {
+    pub url: String,
+    /// `None`: the default, `["completed"]`.
+    pub events: Option<Vec<String>>,
+}
+
+impl WebhookRequest {
+    /// Checks the target and makes sure the account has a secret to sign with.
+    pub async fn check(self, state: &AppState, owner_id: Uuid) -> Result<JobWebhook, ApiError> {
+        let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
+        webhooks::job_target(&policy, &state.db, &state.sealer, owner_id, &self.url, self.events).await
+    }
+}
+
+/// Checks a job request against its model's schema, its webhook target and the model's
+/// health (an open breaker on every worker is a 503 now, not a failed job later), then
+/// submits it.
+pub async fn accept(state: &AppState, owner_id: Uuid, request: JobRequest) -> Result<Submission, ApiError> {
+    let valid = state.catalog.validate(&request.model, request.input)?;
+    let webhook = match request.webhook {
+        Some(webhook) => Some(webhook.check(state, owner_id).await?),
+        None => None,
+    };
+    state.workers.check_model(&valid.model).await?;
+    let options = JobOptions { start_within: request.start_within, webhook, request_id: request.request_id };
+    submit(&state.db, &state.inserter, &state.publisher, owner_id, valid, request.key, options).await
 }
 
 /// Commits the job (sharing the statement with concurrent submissions), then publishes
@@ -178,6 +221,19 @@ pub async fn wait_for(
 
 pub fn is_terminal(job: &jobs::Model) -> bool {
     JobStatus::parse(&job.status).is_some_and(JobStatus::is_terminal)
+}
+
+/// Queued jobs per model (an index covers exactly these rows).
+pub async fn queued_per_model(db: &DatabaseConnection) -> Result<HashMap<String, u64>, ApiError> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT model, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY model",
+        ))
+        .await?;
+    let depth =
+        |row: &sea_orm::QueryResult| Ok((row.try_get::<String>("", "model")?, row.try_get::<i64>("", "n")? as u64));
+    Ok(rows.iter().map(depth).collect::<Result<_, sea_orm::DbErr>>()?)
 }
 
 /// Filters and position of one page of `GET /v1/jobs`.

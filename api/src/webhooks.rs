@@ -7,10 +7,15 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement};
 use spool_shared::sealing::{SecretOwner, SecretSealer};
 use spool_shared::ssrf::{TargetError, TargetPolicy};
-use spool_shared::webhooks::{DELIVERIES_CHANNEL, new_secret};
+use spool_shared::webhooks::{DELIVERIES_CHANNEL, JOB_EVENTS, new_secret};
 use uuid::Uuid;
 
+use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, FieldError};
+use crate::jobs::JobWebhook;
+
+/// How long a rotated-out secret still signs, beside the new one, while receivers switch.
+const PREVIOUS_SECRET_LIFETIME: &str = "24 hours";
 
 /// Most subscriptions one account may have.
 const MAX_SUBSCRIPTIONS: i64 = 50;
@@ -89,7 +94,7 @@ pub async fn create(
     ))
     .one(db)
     .await?
-    .ok_or_else(|| ApiError::InvalidRequest(format!("an account may have at most {MAX_SUBSCRIPTIONS} webhooks")))?;
+    .ok_or(ApiError::LimitReached { what: "webhook subscriptions", max: MAX_SUBSCRIPTIONS })?;
     Ok((subscription, secret))
 }
 
@@ -190,9 +195,9 @@ pub async fn rotate_secret(
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "UPDATE webhook_subscriptions \
-                SET previous_secret = secret, previous_secret_expires_at = now() + interval '24 hours', secret = $3 \
+                SET previous_secret = secret, previous_secret_expires_at = now() + $4::interval, secret = $3 \
               WHERE id = $1 AND owner_id = $2",
-            [id.into(), owner_id.into(), sealed.into()],
+            [id.into(), owner_id.into(), sealed.into(), PREVIOUS_SECRET_LIFETIME.into()],
         ))
         .await?;
     if result.rows_affected() == 0 {
@@ -218,7 +223,11 @@ pub async fn send_test(db: &DatabaseConnection, owner_id: Uuid, id: Uuid) -> Res
             [delivery_id.into(), id.into(), owner_id.into(), DELIVERIES_CHANNEL.into()],
         ))
         .await?;
-    row.map(|_| delivery_id).ok_or(ApiError::WebhookNotFound)
+    if row.is_none() {
+        get(db, owner_id, id).await?; // 404 when there is no such subscription
+        return Err(ApiError::WebhookDisabled);
+    }
+    Ok(delivery_id)
 }
 
 #[derive(FromQueryResult)]
@@ -283,8 +292,21 @@ pub async fn deliveries_of_job(
     .await?)
 }
 
-/// Sends a delivery again now (whatever its status), with the same `webhook-id`.
-pub async fn redeliver(db: &DatabaseConnection, owner_id: Uuid, delivery_id: Uuid) -> Result<(), ApiError> {
+/// Sends a delivery again now (whatever its status), with the same `webhook-id`. One to a
+/// subscription takes the `webhooks` scope; one to a job's own webhook, `jobs:write`, the
+/// scope that set the webhook.
+pub async fn redeliver(db: &DatabaseConnection, caller: &Principal, delivery_id: Uuid) -> Result<(), ApiError> {
+    let owner_id = caller.user_id;
+    let target = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT subscription_id FROM webhook_deliveries WHERE id = $1 AND owner_id = $2",
+            [delivery_id.into(), owner_id.into()],
+        ))
+        .await?
+        .ok_or(ApiError::DeliveryNotFound)?;
+    let subscription: Option<Uuid> = target.try_get("", "subscription_id")?;
+    caller.require_api(if subscription.is_some() { Scope::Webhooks } else { Scope::JobsWrite })?;
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -296,6 +318,22 @@ pub async fn redeliver(db: &DatabaseConnection, owner_id: Uuid, delivery_id: Uui
         ))
         .await?;
     row.map(|_| ()).ok_or(ApiError::DeliveryNotFound)
+}
+
+/// A job's own webhook (`webhook` on a job or batch), checked, with a secret to sign it:
+/// `events` defaults to `["completed"]`.
+pub async fn job_target(
+    policy: &TargetPolicy,
+    db: &DatabaseConnection,
+    sealer: &SecretSealer,
+    owner_id: Uuid,
+    url: &str,
+    events: Option<Vec<String>>,
+) -> Result<JobWebhook, ApiError> {
+    let url = check_url(policy, url, "/webhook").await?;
+    let events = check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
+    ensure_job_secret(db, sealer, owner_id).await?;
+    Ok(JobWebhook { url, events })
 }
 
 /// Gives the account a secret for per-job webhooks if it has none yet (every submission
@@ -338,10 +376,10 @@ pub async fn rotate_job_secret(
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "UPDATE users SET previous_webhook_secret = webhook_secret,
-                          previous_webhook_secret_expires_at = now() + interval '24 hours',
+                          previous_webhook_secret_expires_at = now() + $3::interval,
                           webhook_secret = $2
           WHERE id = $1",
-        [owner_id.into(), sealed.into()],
+        [owner_id.into(), sealed.into(), PREVIOUS_SECRET_LIFETIME.into()],
     ))
     .await?;
     Ok(secret)

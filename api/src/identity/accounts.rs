@@ -204,13 +204,21 @@ static FORGIVE_LOGIN: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// An IP address may fail logins this many times more often than one account may: many
+/// people can share one address (an office, a carrier's NAT).
+const IP_FAILURES_PER_ACCOUNT_FAILURE: i64 = 4;
+
 /// Checks the password; throttled per account and per IP with lockouts that expire.
 pub async fn login(state: &AppState, email: &Email, password: SecretString, ip: &str) -> Result<Session, ApiError> {
     let auth = &state.settings.auth;
     let window = auth.login_window_secs.max(1);
     let account_key = state.redis.key(&format!("login-failures:account:{}", email.as_str()));
     let ip_key = state.redis.key(&format!("login-failures:ip:{ip}"));
-    let limits = [window as i64, i64::from(auth.max_failed_logins), i64::from(auth.max_failed_logins) * 4];
+    let limits = [
+        window as i64,
+        i64::from(auth.max_failed_logins),
+        i64::from(auth.max_failed_logins) * IP_FAILURES_PER_ACCOUNT_FAILURE,
+    ];
     match state.redis.invoke::<i64>(&COUNT_LOGIN_ATTEMPT, &[&account_key, &ip_key], &limits).await {
         Ok(0) => {}
         Ok(locked_for) => return Err(ApiError::LoginLocked { retry_after_secs: locked_for as u64 }),

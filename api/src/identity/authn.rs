@@ -171,7 +171,7 @@ impl Authenticator {
     }
 
     /// Makes a revocation visible to every instance at once.
-    pub async fn revoked(&self, token_id: Uuid) {
+    pub async fn cache_revocation(&self, token_id: Uuid) {
         let ttl = self.cache_ttl.as_secs().max(1);
         let key = self.api_token_key(token_id);
         if let Err(error) = self.redis.query::<()>(redis::cmd("SET").arg(&key).arg(REVOKED).arg("EX").arg(ttl)).await {

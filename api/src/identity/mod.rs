@@ -1,5 +1,6 @@
-//! Identity and access: accounts, email verification, sessions, API tokens,
-//! revocation, rate limits and usage.
+//! Identity and access: accounts and their usage, email verification, logins and
+//! sessions, API tokens and their revocation. Token signing and scopes are in
+//! `crate::auth`; request rate limits in `crate::ratelimit`.
 
 pub mod accounts;
 pub mod authn;

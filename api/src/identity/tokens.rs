@@ -12,7 +12,7 @@ use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
 
 const MIN_TTL: Duration = Duration::from_secs(3600);
-const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
+const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
 
 /// How long a new token lives: `1h` … `365d`, or `never` where the config allows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub async fn create(
     scopes: Vec<Scope>,
 ) -> Result<IssuedToken, ApiError> {
     if !principal.email_verified {
-        return Err(ApiError::AccountForbidden("verify your email address before creating API tokens"));
+        return Err(ApiError::EmailNotVerified);
     }
     if scopes.contains(&Scope::Admin) && principal.role != Role::Operator {
         return Err(ApiError::NotOperator);
@@ -145,11 +145,7 @@ pub async fn issue(
         ))
         .one(db)
         .await?
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
-                "an account may have at most {MAX_LIVE_TOKENS} live API tokens: revoke one it no longer needs"
-            ))
-        })?;
+        .ok_or(ApiError::LimitReached { what: "live API tokens", max: MAX_LIVE_TOKENS })?;
     let grant = TokenGrant { user_id, kind: TokenKind::Api, token_id: id, scopes, ttl: lifetime.0 };
     let token = signer.sign(&grant).map_err(|e| ApiError::Unexpected(e.into()))?;
     Ok(IssuedToken { row, token })
@@ -178,7 +174,7 @@ pub async fn revoke(state: &AppState, user_id: Uuid, token_id: Uuid) -> Result<(
         .one(&state.db)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
-    state.authenticator.revoked(row.id).await;
+    state.authenticator.cache_revocation(row.id).await;
     Ok(())
 }
 
@@ -191,7 +187,8 @@ mod tests {
         assert_eq!(TokenLifetime::parse("1h", false).ok(), Some(TokenLifetime(Some(Duration::from_secs(3600)))));
         assert!(TokenLifetime::parse("365d", false).is_ok());
         assert!(TokenLifetime::parse("59m", false).is_err());
-        assert!(TokenLifetime::parse("400d", false).is_err());
+        assert!(TokenLifetime::parse("366d", false).is_err());
+        assert!(TokenLifetime::parse("8761h", false).is_err());
         assert!(TokenLifetime::parse("never", false).is_err());
         assert_eq!(TokenLifetime::parse("never", true).ok(), Some(TokenLifetime(None)));
         assert!(TokenLifetime::parse("soon", true).is_err());

@@ -11,7 +11,7 @@ use super::ApiTags;
 use crate::admin::{self, DeadLetterFilter, RequeueSelector};
 use crate::auth::BearerAuth;
 use crate::body::JsonBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, Dependency};
 use crate::state::AppState;
 
 /// A job that failed after its last retryable attempt.
@@ -181,7 +181,7 @@ impl AdminApi {
         job_id: Path<String>,
     ) -> Result<GetDeadLetterResponse, ApiError> {
         auth.0.require_operator()?;
-        let job_id = Uuid::parse_str(&job_id.0).map_err(|_| ApiError::JobNotFound)?;
+        let job_id = super::parse_id(&job_id.0, ApiError::JobNotFound)?;
         let filter = DeadLetterFilter { job_id: Some(job_id), ..Default::default() };
         let letter = admin::list(&state.db, &filter, 1).await?.into_iter().next().ok_or(ApiError::JobNotFound)?;
         Ok(GetDeadLetterResponse::Ok(Json(letter.into())))
@@ -191,7 +191,7 @@ impl AdminApi {
     #[oai(path = "/workers", method = "get", operation_id = "list_workers")]
     async fn workers(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<WorkersResponse, ApiError> {
         auth.0.require_operator()?;
-        let workers = state.workers.live().await.ok_or_else(|| ApiError::Unavailable("redis".into()))?;
+        let workers = state.workers.live().await.ok_or_else(|| ApiError::Unavailable(Dependency::Redis))?;
         let data = workers
             .into_iter()
             .map(|w| Worker {
@@ -210,7 +210,7 @@ impl AdminApi {
     #[oai(path = "/breakers", method = "get", operation_id = "list_breakers")]
     async fn breakers(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<BreakersResponse, ApiError> {
         auth.0.require_operator()?;
-        let workers = state.workers.live().await.ok_or_else(|| ApiError::Unavailable("redis".into()))?;
+        let workers = state.workers.live().await.ok_or_else(|| ApiError::Unavailable(Dependency::Redis))?;
         let data = state
             .catalog
             .names()

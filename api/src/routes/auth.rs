@@ -141,7 +141,7 @@ impl AuthApi {
         Ok(AcceptedResponse::Accepted)
     }
 
-    /// Sign in: returns a 15-minute session token
+    /// Sign in: returns a session token (it lives `auth.session_ttl_secs`, 15 minutes by default)
     ///
     /// Throttled: repeated failures lock the account (and the client IP) out for a while
     /// (`429 login_locked` with `Retry-After`).

@@ -11,13 +11,12 @@ use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiRequest, ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
-use super::ApiTags;
-use super::jobs::job_webhook;
+use super::{ApiTags, parse_id};
 use crate::auth::{BearerAuth, Scope};
-use crate::batches::{self, BatchItem, BatchOptions, Submission};
+use crate::batches::{self, BatchItem, BatchRequest, Submission};
 use crate::body::JsonBody;
 use crate::error::ApiError;
-use crate::jobs::IdempotencyKey;
+use crate::jobs::{IdempotencyKey, WebhookRequest};
 use crate::state::AppState;
 
 /// Unknown fields are refused, as on NDJSON lines: a misspelt `custom_id` is an error,
@@ -137,6 +136,7 @@ pub struct BatchesApi;
 impl BatchesApi {
     /// Submit a batch of jobs (JSON or NDJSON), all or nothing
     #[oai(path = "/", method = "post", operation_id = "create_batch")]
+    #[allow(clippy::too_many_arguments)] // each is one documented header or query parameter
     async fn create(
         &self,
         state: Data<&AppState>,
@@ -147,31 +147,40 @@ impl BatchesApi {
         idempotency_key: Header<Option<String>>,
         /// The model, for an NDJSON body.
         model: Query<Option<String>>,
+        /// For an NDJSON body: a per-job webhook for every job (a JSON body has it as a field).
+        #[oai(validator(max_length = 2048))]
+        webhook: Query<Option<String>>,
+        /// For an NDJSON body: which job events go to `webhook` (repeat the parameter;
+        /// default `completed`).
+        #[oai(validator(max_items = 2))]
+        webhook_events: Query<Vec<String>>,
         request_id: Data<&ReqId>,
         body: CreateBatchBody,
     ) -> Result<CreateBatchResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
-        let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
-        let (model, items, webhook, events) = match body {
+        let (model, items, webhook, webhook_events) = match body {
             CreateBatchBody::Json(JsonBody(request)) => {
+                if webhook.0.is_some() || !webhook_events.0.is_empty() {
+                    return Err(ApiError::InvalidRequest("a JSON batch carries its webhook in the body".into()));
+                }
                 let items =
                     request.items.into_iter().map(|i| BatchItem { input: i.input, custom_id: i.custom_id, line: None });
                 (request.model, items.collect(), request.webhook, request.webhook_events)
             }
             CreateBatchBody::Ndjson(Binary(bytes)) => {
                 let model = model.0.ok_or_else(|| ApiError::InvalidRequest("an NDJSON batch needs ?model=".into()))?;
-                (model, batches::parse_ndjson(&bytes)?, None, None)
+                let events = Some(webhook_events.0).filter(|events| !events.is_empty());
+                (model, batches::parse_ndjson(&bytes)?, webhook.0, events)
             }
         };
-        batches::validate(&state.catalog, &model, &items, state.settings.api.max_batch_items)?;
-        let webhook = match webhook {
-            Some(url) => Some(job_webhook(&state, auth.0.user_id, &url, events).await?),
-            None => None,
+        let request = BatchRequest {
+            model,
+            items,
+            webhook: webhook.map(|url| WebhookRequest { url, events: webhook_events }),
+            key: idempotency_key.0.map(IdempotencyKey::try_from).transpose()?,
+            request_id: Some(request_id.0.to_string()),
         };
-        state.workers.check_model(&model).await?;
-        state.limiter.admit_batch_jobs(auth.0.user_id, items.len(), state.settings.rate_limit.batch_jobs).await?;
-        let options = BatchOptions { webhook, request_id: Some(request_id.0.to_string()) };
-        match batches::submit(&state.db, &state.publisher, auth.0.user_id, &model, items, key, options).await? {
+        match batches::accept(&state, auth.0.user_id, request).await? {
             Submission::Created(batch) => {
                 let location = format!("/v1/batches/{}", batch.id);
                 Ok(CreateBatchResponse::Accepted(Json(batch.into()), location))
@@ -192,23 +201,19 @@ impl BatchesApi {
         cursor: Query<Option<String>>,
     ) -> Result<BatchListResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
-        let limit = limit.0.unwrap_or(20);
         let after = super::parse_cursor(cursor.0.as_deref())?;
-        let mut rows = batches::list(&state.db, auth.0.user_id, limit + 1, after).await?;
-        let next_cursor = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|b| b.id.to_string())
-        } else {
-            None
-        };
-        Ok(BatchListResponse::Ok(Json(BatchPage { data: rows.into_iter().map(Into::into).collect(), next_cursor })))
+        let page = batches::list(&state.db, auth.0.user_id, limit.0.unwrap_or(20), after).await?;
+        Ok(BatchListResponse::Ok(Json(BatchPage {
+            data: page.batches.into_iter().map(Into::into).collect(),
+            next_cursor: page.next_cursor.map(|id| id.to_string()),
+        })))
     }
 
     /// A batch's progress: counts per status
     #[oai(path = "/:id", method = "get", operation_id = "get_batch")]
     async fn get(&self, state: Data<&AppState>, auth: BearerAuth, id: Path<String>) -> Result<BatchResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
-        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::BatchNotFound)?).await?;
         Ok(BatchResponse::Ok(Json(batch.into())))
     }
 
@@ -221,7 +226,7 @@ impl BatchesApi {
         id: Path<String>,
     ) -> Result<ResultsResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
-        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let batch = batches::get(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::BatchNotFound)?).await?;
         let lines = batches::results(state.db.clone(), batch.id);
         Ok(ResultsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
     }
@@ -235,11 +240,7 @@ impl BatchesApi {
         id: Path<String>,
     ) -> Result<CancelBatchResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
-        let canceled = batches::cancel(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let canceled = batches::cancel(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::BatchNotFound)?).await?;
         Ok(CancelBatchResponse::Ok(Json(CanceledCount { canceled })))
     }
-}
-
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::BatchNotFound)
 }

@@ -10,16 +10,14 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 use spool_shared::entities::jobs as job_rows;
 use spool_shared::job::{JobError, JobStatus};
-use spool_shared::ssrf::TargetPolicy;
-use spool_shared::webhooks::JOB_EVENTS;
 use uuid::Uuid;
 
-use super::ApiTags;
 use super::webhooks::{DeliveryList, DeliveryListResponse};
+use super::{ApiTags, parse_id};
 use crate::auth::{BearerAuth, Scope};
 use crate::body::JsonBody;
 use crate::error::ApiError;
-use crate::jobs::{self, IdempotencyKey, JobOptions, JobWebhook, ListQuery, Submission};
+use crate::jobs::{self, IdempotencyKey, JobRequest, ListQuery, Submission, WebhookRequest};
 use crate::state::AppState;
 use crate::webhooks;
 
@@ -165,7 +163,13 @@ pub struct SubmitJobRequest {
 pub enum SubmitJobResponse {
     /// Accepted: the job is committed and will run. Poll `Location`.
     #[oai(status = 202)]
-    Accepted(Json<Job>, #[oai(header = "Location")] String),
+    Accepted(
+        Json<Job>,
+        #[oai(header = "Location")] String,
+        /// `wait=N`: the wait this answer kept to (N may be lower than asked).
+        #[oai(header = "Preference-Applied")]
+        Option<String>,
+    ),
     /// The job finished within the `Prefer: wait` time, or this replays an earlier
     /// request with the same `Idempotency-Key` and body.
     #[oai(status = 200)]
@@ -199,29 +203,14 @@ pub enum ListJobsResponse {
 
 pub struct JobsApi;
 
-/// Checks a per-job webhook and makes sure the account has a secret to sign it with.
-pub(crate) async fn job_webhook(
-    state: &AppState,
-    owner: Uuid,
-    url: &str,
-    events: Option<Vec<String>>,
-) -> Result<JobWebhook, ApiError> {
-    let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
-    let url = webhooks::check_url(&policy, url, "/webhook").await?;
-    let events =
-        webhooks::check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
-    webhooks::ensure_job_secret(&state.db, &state.sealer, owner).await?;
-    Ok(JobWebhook { url, events })
-}
-
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Jobs")]
 impl JobsApi {
     /// Submit a job
     ///
     /// Validates the input against the model's schema, commits the job and queues it.
     /// `Idempotency-Key` makes retries safe: the same key and body return the original
-    /// job; the same key with another body is a 409. `Prefer: wait=N` (N ≤ 60) holds
-    /// the response until the job finishes or N seconds pass.
+    /// job; the same key with another body is a 409. `Prefer: wait=N` holds the response
+    /// until the job finishes or N seconds pass (N up to the server's `api.max_wait_secs`).
     #[oai(path = "/jobs", method = "post", operation_id = "submit_job")]
     async fn submit(
         &self,
@@ -239,43 +228,38 @@ impl JobsApi {
         body: JsonBody<SubmitJobRequest>,
     ) -> Result<SubmitJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
-        let key = idempotency_key.0.map(IdempotencyKey::try_from).transpose()?;
-        let wait =
-            prefer.0.as_deref().and_then(parse_prefer_wait).map(|secs| secs.min(state.settings.api.max_wait_secs));
+        let max_wait = state.settings.api.max_wait_secs;
+        let wait = prefer.0.as_deref().and_then(parse_prefer_wait).map(|secs| secs.min(max_wait)).filter(|&s| s > 0);
         let body = body.0;
-        let request = state.catalog.validate(&body.model, body.input)?;
-        let webhook = match body.webhook {
-            Some(url) => Some(job_webhook(&state, auth.0.user_id, &url, body.webhook_events).await?),
-            None => None,
-        };
-        let options = JobOptions {
+        let request = JobRequest {
+            model: body.model,
+            input: body.input,
             start_within: body.start_within_secs.map(Duration::from_secs),
-            webhook,
+            webhook: body.webhook.map(|url| WebhookRequest { url, events: body.webhook_events }),
+            key: idempotency_key.0.map(IdempotencyKey::try_from).transpose()?,
             request_id: Some(request_id.0.to_string()),
         };
-        state.workers.check_model(&request.model).await?;
         let owner = auth.0.user_id;
-        match jobs::submit(&state.db, &state.inserter, &state.publisher, owner, request, key, options).await? {
-            Submission::Replayed(job) => Ok(SubmitJobResponse::Done(Json(job.into()), None, Some("true".into()))),
-            Submission::Created(job) => match wait {
-                Some(secs) if secs > 0 => {
-                    let job =
-                        jobs::wait_for(&state.db, &state.waiters, owner, job.id, Duration::from_secs(secs)).await?;
-                    if jobs::is_terminal(&job) {
-                        Ok(SubmitJobResponse::Done(Json(job.into()), Some(format!("wait={secs}")), None))
-                    } else {
-                        Ok(accepted(job))
-                    }
-                }
-                _ => Ok(accepted(job)),
-            },
-        }
+        let job = match jobs::accept(&state, owner, request).await? {
+            Submission::Replayed(job) => {
+                return Ok(SubmitJobResponse::Done(Json(job.into()), None, Some("true".into())));
+            }
+            Submission::Created(job) => job,
+        };
+        let Some(secs) = wait else { return Ok(accepted(job, None)) };
+        let job = jobs::wait_for(&state.db, &state.waiters, owner, job.id, Duration::from_secs(secs)).await?;
+        let applied = Some(format!("wait={secs}"));
+        Ok(if jobs::is_terminal(&job) {
+            SubmitJobResponse::Done(Json(job.into()), applied, None)
+        } else {
+            accepted(job, applied)
+        })
     }
 
     /// Get a job
     ///
-    /// `wait=N` (N ≤ 60) long-polls: the response comes as soon as the job finishes,
-    /// or after N seconds with the job as it is.
+    /// `wait=N` long-polls: the response comes as soon as the job finishes, or after N
+    /// seconds (at most the server's `api.max_wait_secs`) with the job as it is.
     #[oai(path = "/jobs/:id", method = "get", operation_id = "get_job")]
     async fn get(
         &self,
@@ -288,7 +272,7 @@ impl JobsApi {
         wait: Query<Option<u64>>,
     ) -> Result<GetJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
-        let id = parse_job_id(&id.0)?;
+        let id = parse_id(&id.0, ApiError::JobNotFound)?;
         let wait = wait.0.unwrap_or(0).min(state.settings.api.max_wait_secs);
         let job = if wait == 0 {
             jobs::find(&state.db, auth.0.user_id, id).await?
@@ -335,7 +319,8 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<DeliveryListResponse, ApiError> {
         auth.0.require_api(Scope::JobsRead)?;
-        let rows = webhooks::deliveries_of_job(&state.db, auth.0.user_id, parse_job_id(&id.0)?).await?;
+        let rows =
+            webhooks::deliveries_of_job(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::JobNotFound)?).await?;
         Ok(DeliveryListResponse::Ok(Json(DeliveryList { data: rows.into_iter().map(Into::into).collect() })))
     }
 
@@ -351,20 +336,15 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<GetJobResponse, ApiError> {
         auth.0.require_api(Scope::JobsWrite)?;
-        let id = parse_job_id(&id.0)?;
+        let id = parse_id(&id.0, ApiError::JobNotFound)?;
         let job = jobs::cancel(&state.db, auth.0.user_id, id).await?;
         Ok(GetJobResponse::Ok(Json(job.into())))
     }
 }
 
-fn accepted(job: job_rows::Model) -> SubmitJobResponse {
+fn accepted(job: job_rows::Model, preference_applied: Option<String>) -> SubmitJobResponse {
     let location = format!("/v1/jobs/{}", job.id);
-    SubmitJobResponse::Accepted(Json(job.into()), location)
-}
-
-/// Anything that is not a job id names no job of the caller's.
-fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::JobNotFound)
+    SubmitJobResponse::Accepted(Json(job.into()), location, preference_applied)
 }
 
 /// Reads `wait=N` out of a `Prefer` header (RFC 7240), e.g. `respond-async, wait=10`.

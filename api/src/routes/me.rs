@@ -11,6 +11,7 @@ use crate::auth::BearerAuth;
 use crate::error::ApiError;
 use crate::identity::accounts;
 use crate::state::AppState;
+use spool_shared::entities::usage;
 
 /// Usage of one model.
 #[derive(Object)]
@@ -57,20 +58,9 @@ fn average(total: f64, finished: i64) -> Option<f64> {
     (finished > 0).then(|| total / finished as f64)
 }
 
-pub struct MeApi;
-
-#[OpenApi(prefix_path = "/v1/me", tag = "ApiTags::Account")]
-impl MeApi {
-    /// The caller's account (session or API token)
-    #[oai(path = "/", method = "get", operation_id = "me")]
-    async fn me(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<MeResponse, ApiError> {
-        Ok(MeResponse::Ok(Json(accounts::find(&state.db, auth.0.user_id).await?.into())))
-    }
-
-    /// The caller's usage, per model and in total
-    #[oai(path = "/usage", method = "get", operation_id = "usage")]
-    async fn usage(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<UsageResponse, ApiError> {
-        let rows = accounts::usage(&state.db, auth.0.user_id).await?;
+impl From<Vec<usage::Totals>> for Usage {
+    /// Per model as stored, and the account's totals over them.
+    fn from(rows: Vec<usage::Totals>) -> Self {
         let models: Vec<ModelUsage> = rows
             .into_iter()
             .map(|row| ModelUsage {
@@ -87,7 +77,7 @@ impl MeApi {
         // A fold from +0.0: `sum()` of no floats is -0.0, which JSON shows as `-0.0`.
         let inference_ms_total = models.iter().fold(0.0, |total, m| total + m.inference_ms_total);
         let (succeeded, failed) = (sum(|m| m.succeeded), sum(|m| m.failed));
-        Ok(UsageResponse::Ok(Json(Usage {
+        Self {
             submitted: sum(|m| m.submitted),
             succeeded,
             failed,
@@ -95,6 +85,23 @@ impl MeApi {
             inference_ms_avg: average(inference_ms_total, succeeded + failed),
             last_used_at: models.iter().map(|m| m.last_used_at).max(),
             models,
-        })))
+        }
+    }
+}
+
+pub struct MeApi;
+
+#[OpenApi(prefix_path = "/v1/me", tag = "ApiTags::Account")]
+impl MeApi {
+    /// The caller's account (session or API token)
+    #[oai(path = "/", method = "get", operation_id = "me")]
+    async fn me(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<MeResponse, ApiError> {
+        Ok(MeResponse::Ok(Json(accounts::find(&state.db, auth.0.user_id).await?.into())))
+    }
+
+    /// The caller's usage, per model and in total
+    #[oai(path = "/usage", method = "get", operation_id = "usage")]
+    async fn usage(&self, state: Data<&AppState>, auth: BearerAuth) -> Result<UsageResponse, ApiError> {
+        Ok(UsageResponse::Ok(Json(accounts::usage(&state.db, auth.0.user_id).await?.into())))
     }
 }

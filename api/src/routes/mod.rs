@@ -31,6 +31,12 @@ pub enum ApiTags {
     Health,
 }
 
+/// A path's id. Anything that is not a UUID names nothing of the caller's, so it gets the
+/// same 404 (`not_found`) as an id of someone else's.
+fn parse_id(raw: &str, not_found: ApiError) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| not_found)
+}
+
 /// A list's `cursor` parameter: the previous page's `next_cursor`. Empty, like absent, is
 /// the first page (scripts often send `cursor=` with nothing yet).
 fn parse_cursor(cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {

@@ -7,6 +7,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 use super::ApiTags;
 use crate::auth::BearerAuth;
 use crate::error::ApiError;
+use crate::jobs;
 use crate::state::AppState;
 
 /// A model jobs can run on.
@@ -44,21 +45,6 @@ pub enum ListModelsResponse {
     Ok(Json<ModelList>),
 }
 
-/// Queued jobs per model (an index covers exactly these rows).
-async fn queue_depths(db: &sea_orm::DatabaseConnection) -> Result<std::collections::HashMap<String, u64>, ApiError> {
-    use sea_orm::ConnectionTrait;
-    let rows = db
-        .query_all_raw(sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT model, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY model",
-        ))
-        .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get::<String>("", "model")?, row.try_get::<i64>("", "n")? as u64)))
-        .collect::<Result<_, sea_orm::DbErr>>()
-        .map_err(Into::into)
-}
-
 pub struct ModelsApi;
 
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Models")]
@@ -67,7 +53,7 @@ impl ModelsApi {
     #[oai(path = "/models", method = "get", operation_id = "list_models")]
     async fn list(&self, state: Data<&AppState>, _auth: BearerAuth) -> Result<ListModelsResponse, ApiError> {
         // Any valid token of any kind may look at the catalog.
-        let depths = queue_depths(&state.db).await?;
+        let depths = jobs::queued_per_model(&state.db).await?;
         let workers = state.workers.live().await;
         let data = state
             .catalog

@@ -123,7 +123,7 @@ impl TokensApi {
         id: Path<String>,
     ) -> Result<RevokeTokenResponse, ApiError> {
         auth.0.require_session()?;
-        let id = Uuid::parse_str(&id.0).map_err(|_| ApiError::TokenNotFound)?;
+        let id = super::parse_id(&id.0, ApiError::TokenNotFound)?;
         tokens::revoke(&state, auth.0.user_id, id).await?;
         Ok(RevokeTokenResponse::Revoked)
     }

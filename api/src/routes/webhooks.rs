@@ -10,7 +10,7 @@ use spool_shared::ssrf::TargetPolicy;
 use spool_shared::webhooks::SUBSCRIPTION_EVENTS;
 use uuid::Uuid;
 
-use super::ApiTags;
+use super::{ApiTags, parse_id};
 use crate::auth::{BearerAuth, Scope};
 use crate::body::JsonBody;
 use crate::error::ApiError;
@@ -232,7 +232,7 @@ impl WebhooksApi {
         id: Path<String>,
     ) -> Result<WebhookResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        let webhook = webhooks::get(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let webhook = webhooks::get(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::WebhookNotFound)?).await?;
         Ok(WebhookResponse::Ok(Json(webhook.into())))
     }
 
@@ -247,7 +247,7 @@ impl WebhooksApi {
         body: JsonBody<UpdateWebhookRequest>,
     ) -> Result<WebhookResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        let id = parse_id(&id.0)?;
+        let id = parse_id(&id.0, ApiError::WebhookNotFound)?;
         let body = body.0;
         let events = match body.events {
             Some(events) => Some(webhooks::check_events(&events, SUBSCRIPTION_EVENTS, "/events")?),
@@ -274,7 +274,7 @@ impl WebhooksApi {
         id: Path<String>,
     ) -> Result<DeletedResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        webhooks::delete(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        webhooks::delete(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::WebhookNotFound)?).await?;
         Ok(DeletedResponse::Deleted)
     }
 
@@ -287,7 +287,8 @@ impl WebhooksApi {
         id: Path<String>,
     ) -> Result<QueuedResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        let delivery_id = webhooks::send_test(&state.db, auth.0.user_id, parse_id(&id.0)?).await?;
+        let delivery_id =
+            webhooks::send_test(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::WebhookNotFound)?).await?;
         Ok(QueuedResponse::Queued(Json(QueuedDelivery { delivery_id })))
     }
 
@@ -300,7 +301,13 @@ impl WebhooksApi {
         id: Path<String>,
     ) -> Result<SecretResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
-        let secret = webhooks::rotate_secret(&state.db, &state.sealer, auth.0.user_id, parse_id(&id.0)?).await?;
+        let secret = webhooks::rotate_secret(
+            &state.db,
+            &state.sealer,
+            auth.0.user_id,
+            parse_id(&id.0, ApiError::WebhookNotFound)?,
+        )
+        .await?;
         Ok(SecretResponse::Ok(Json(Secret { secret })))
     }
 
@@ -317,11 +324,15 @@ impl WebhooksApi {
     ) -> Result<DeliveryListResponse, ApiError> {
         auth.0.require_api(Scope::Webhooks)?;
         let limit = limit.0.unwrap_or(100);
-        let rows = webhooks::deliveries(&state.db, auth.0.user_id, parse_id(&id.0)?, limit).await?;
+        let rows =
+            webhooks::deliveries(&state.db, auth.0.user_id, parse_id(&id.0, ApiError::WebhookNotFound)?, limit).await?;
         Ok(DeliveryListResponse::Ok(Json(DeliveryList { data: rows.into_iter().map(Into::into).collect() })))
     }
 
     /// Send a delivery again now, with the same `webhook-id`
+    ///
+    /// A subscription's delivery takes the `webhooks` scope; one to a job's own webhook,
+    /// `jobs:write`.
     #[oai(path = "/deliveries/:id/retry", method = "post", operation_id = "retry_webhook_delivery")]
     async fn retry(
         &self,
@@ -329,9 +340,8 @@ impl WebhooksApi {
         auth: BearerAuth,
         id: Path<String>,
     ) -> Result<QueuedResponse, ApiError> {
-        auth.0.require_api(Scope::Webhooks)?;
-        let delivery_id = Uuid::parse_str(&id.0).map_err(|_| ApiError::DeliveryNotFound)?;
-        webhooks::redeliver(&state.db, auth.0.user_id, delivery_id).await?;
+        let delivery_id = super::parse_id(&id.0, ApiError::DeliveryNotFound)?;
+        webhooks::redeliver(&state.db, &auth.0, delivery_id).await?;
         Ok(QueuedResponse::Queued(Json(QueuedDelivery { delivery_id })))
     }
 
@@ -350,9 +360,4 @@ impl WebhooksApi {
         let secret = webhooks::rotate_job_secret(&state.db, &state.sealer, auth.0.user_id).await?;
         Ok(SecretResponse::Ok(Json(Secret { secret })))
     }
-}
-
-/// A malformed id names no subscription of the caller's: 404, like any other.
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::WebhookNotFound)
 }

@@ -363,7 +363,7 @@ async fn an_account_holds_at_most_100_live_tokens_and_revoking_one_frees_a_place
     let session = app.signer().sign(&grant).unwrap();
     let request = json!({"name": "one-too-many", "expires_in": "1d", "scopes": ["jobs:read"]});
     let refused = post(&app, "/v1/tokens", Some(&session), request.clone()).await;
-    assert_eq!(problem(refused).await, (StatusCode::BAD_REQUEST, "invalid_request".into()));
+    assert_eq!(problem(refused).await, (StatusCode::CONFLICT, "limit_reached".into()));
 
     let listed: Value = get(&app, "/v1/tokens", &session).await.json().await.unwrap();
     let tokens = listed["data"].as_array().unwrap();

@@ -80,11 +80,13 @@ async fn spoolctl_logs_in_submits_jobs_and_batches_and_waits_for_them() {
     let login = spoolctl_with(
         &home,
         &[("SPOOL_URL", &url)],
-        &["login", "--email", &email],
+        &["--json", "login", "--email", &email],
         Some(&format!("{TEST_PASSWORD}\n")),
     )
     .await;
     assert_eq!(login.code, 0, "{}", login.stderr);
+    let token_id = login.json()["token_id"].as_str().map(uuid::Uuid::parse_str);
+    assert!(matches!(token_id, Some(Ok(_))), "{}", login.stdout);
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     let with_config = |args: &'static [&'static str]| spoolctl_with(&home, &[], args, None);

@@ -1,11 +1,15 @@
 //! Service endpoints: health, readiness, metrics, OpenAPI, docs, request ids, models.
 
 use serde_json::Value;
-use spool_tests::{AppOptions, StatusCode, spawn_app_with};
+use spool_tests::{AppOptions, StatusCode, TestApp, spawn_app_with};
+
+async fn app_without_worker() -> TestApp {
+    spawn_app_with(AppOptions { worker_models: vec![], ..Default::default() }).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_endpoints_answer() {
-    let app = spawn_app_with(AppOptions { worker_models: vec![], ..Default::default() }).await;
+async fn health_readiness_metrics_and_request_ids() {
+    let app = app_without_worker().await;
 
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
@@ -26,11 +30,6 @@ async fn service_endpoints_answer() {
     assert_eq!(ready["rabbitmq"], true);
     assert_eq!(ready["redis"], true);
 
-    let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
-    assert!(spec["paths"]["/v1/jobs"]["post"].is_object());
-    assert!(spec["components"]["securitySchemes"]["BearerAuth"].is_object());
-    assert_eq!(app.client.get(app.url("/docs")).send().await.unwrap().status(), StatusCode::OK);
-
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("spool_http_request_duration_seconds"), "{metrics}");
     // The counters to alert on exist before anything went wrong.
@@ -43,6 +42,11 @@ async fn service_endpoints_answer() {
 
     let traced = app.client.get(app.url("/healthz")).header("x-request-id", "trace-me-42").send().await.unwrap();
     assert_eq!(traced.headers()["x-request-id"], "trace-me-42");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_get_404_and_405_problems() {
+    let app = app_without_worker().await;
 
     let unknown = app.client.get(app.url("/v1/nothing-here")).send().await.unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
@@ -55,6 +59,16 @@ async fn service_endpoints_answer() {
     assert_eq!(wrong_method.json::<Value>().await.unwrap()["code"], "method_not_allowed");
     let wrong_method = app.client.put(app.url("/v1/webhooks/job-secret")).send().await.unwrap();
     assert_eq!(wrong_method.headers()["allow"], "GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_description_and_docs_match_what_the_api_enforces() {
+    let app = app_without_worker().await;
+
+    let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert!(spec["paths"]["/v1/jobs"]["post"].is_object());
+    assert!(spec["components"]["securitySchemes"]["BearerAuth"].is_object());
+    assert_eq!(app.client.get(app.url("/docs")).send().await.unwrap().status(), StatusCode::OK);
 
     // Option fields are null, and the description says they may be.
     let page = app.get_json("/v1/jobs?limit=1").await;
@@ -80,6 +94,11 @@ async fn service_endpoints_answer() {
         assert_eq!(made_up.status(), StatusCode::BAD_REQUEST, "{list}");
         assert_eq!(made_up.json::<Value>().await.unwrap()["code"], "invalid_parameter");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_show_their_schemas_queue_depth_and_workers() {
+    let app = app_without_worker().await;
 
     let models: Value = app.get_json("/v1/models").await;
     let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();

@@ -177,6 +177,18 @@ async fn long_poll_answers_when_the_job_finishes() {
     let job = app.get_json(&format!("/v1/jobs/{id}?wait=1")).await;
     assert_eq!(job["status"], "queued");
     assert!(started.elapsed() >= Duration::from_millis(900));
+    // A submission's wait that runs out is a 202 that says which wait it kept to.
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.token)
+        .header("Prefer", "respond-async, wait=1")
+        .json(&json!({"model": "digits-cnn", "input": digit_input()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.headers()["preference-applied"], "wait=1");
 
     let poll = {
         let client = app.client.clone();

@@ -111,6 +111,71 @@ async fn job_events_reach_subscriptions_and_job_webhooks_signed_per_standard_web
     let expected = [("job.started", false), ("job.started", true), ("job.succeeded", false), ("job.succeeded", true)];
     assert_eq!(seen, expected.map(|(e, per_job)| (e.to_owned(), per_job)), "{log:?}");
     assert!(log.iter().all(|d| d["status"] == "succeeded" && d["job_id"] == job_id.as_str()), "{log:?}");
+
+    // A script with only the job scopes may resend its job's own deliveries, not the
+    // subscriptions' ones.
+    let jobs_only = app.api_token(app.user_id, &[Scope::JobsRead, Scope::JobsWrite], Duration::from_secs(600)).await;
+    for delivery in &log {
+        let path = format!("/v1/webhooks/deliveries/{}/retry", delivery["id"].as_str().unwrap());
+        let (status, body) = app.call(&jobs_only, reqwest::Method::POST, &path, None).await;
+        if delivery["subscription_id"].is_null() {
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        } else {
+            assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
+        }
+    }
+    per_job.wait_for(4, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ndjson_batch_carries_its_webhook_in_the_query() {
+    let (app, token) = app_with_dispatcher(true).await;
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let body: String = (0..3).map(|i| json!({"input": {"pixels": vec![i; 64]}}).to_string() + "\n").collect();
+    let post = |query: Vec<(&'static str, &str)>, content_type: &'static str, body: String| {
+        let request = app.client.post(app.url("/v1/batches")).query(&query).bearer_auth(&token);
+        request.header("content-type", content_type).body(body).send()
+    };
+    let query = vec![
+        ("model", "digits-cnn"),
+        ("webhook", url.as_str()),
+        ("webhook_events", "started"),
+        ("webhook_events", "completed"),
+    ];
+    let response = post(query, "application/x-ndjson", body).await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let batch_id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    let received = receiver.wait_for(7, Duration::from_secs(30)).await;
+    let mut types: Vec<String> = received.iter().map(|r| r.json()["type"].as_str().unwrap().to_owned()).collect();
+    types.sort();
+    let expected = ["batch.completed", "job.started", "job.started", "job.started"];
+    assert_eq!(types[..4], expected, "{types:?}");
+    assert_eq!(types[4..], ["job.succeeded"; 3], "{types:?}");
+    let (_, job_secret) = app.call(&token, reqwest::Method::GET, "/v1/webhooks/job-secret", None).await;
+    for delivery in &received {
+        verify_with_standard_webhooks(job_secret["secret"].as_str().unwrap(), delivery).expect("signed");
+    }
+    let completed = received.iter().map(|r| r.json()).find(|b| b["type"] == "batch.completed").unwrap();
+    assert_eq!(completed["data"]["id"], batch_id.as_str());
+
+    // A JSON batch has its webhook in the body; one in the query is refused, not ignored.
+    let json_body = json!({"model": "digits-cnn", "items": [{"input": {"pixels": vec![0; 64]}}]}).to_string();
+    let response = post(vec![("webhook", url.as_str())], "application/json", json_body).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.json::<Value>().await.unwrap()["code"], "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_has_at_most_fifty_subscriptions() {
+    let (app, token) = app_with_dispatcher(false).await;
+    for _ in 0..50 {
+        subscribe(&app, &token, "http://127.0.0.1:9/spool", &["job.succeeded"]).await;
+    }
+    let body = json!({"url": "http://127.0.0.1:9/spool", "events": ["job.succeeded"]});
+    let (status, problem) = app.call(&token, reqwest::Method::POST, "/v1/webhooks", Some(body)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("limit_reached")), "{problem}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +360,8 @@ async fn failures_are_retried_with_the_same_id_logged_redelivered_by_hand_and_41
     }
     assert!(!disabled["disabled_at"].is_null(), "{disabled}");
     let (status, problem) = app.call(&token, reqwest::Method::POST, &format!("/v1/webhooks/{id}/test"), None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "a disabled subscription takes no test: {problem}");
+    assert_eq!(status, StatusCode::CONFLICT, "a disabled subscription takes no test: {problem}");
+    assert_eq!(problem["code"], "webhook_disabled");
 
     // Re-enabled by its owner, with the same id and secret, it takes events again.
     let path = format!("/v1/webhooks/{id}");

@@ -27,7 +27,7 @@ pub struct TokenRequest {
     scopes: Vec<String>,
 }
 
-/// Signs in and creates an API token; returns the API's answer (`{metadata, token}`).
+/// Signs in and creates an API token; returns the API's answer (the token's metadata and `token`).
 async fn create_token(client: &Client, request: &TokenRequest) -> Result<Value, CliError> {
     eprintln!("password for {}:", request.email);
     let mut password = String::new();
@@ -63,7 +63,7 @@ pub async fn login(request: TokenRequest, json_output: bool) -> Result<(), CliEr
         .map_err(|e| CliError::Local(e.to_string()))?;
     write_private(&path, &config).map_err(|e| CliError::Local(format!("{}: {e}", path.display())))?;
     if json_output {
-        print_json(&json!({"config": path, "token_id": created["metadata"]["id"]}));
+        print_json(&json!({"config": path, "token_id": created["id"]}));
     } else {
         println!("signed in; API token saved in {}", path.display());
     }

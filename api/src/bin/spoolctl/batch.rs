@@ -30,6 +30,13 @@ pub enum BatchCommand {
         /// Makes retrying this command safe.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// An https URL to POST every job's events (and `batch.completed`) to, signed with
+        /// the account's job webhook secret.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Which job events go to --webhook: started, completed (default completed).
+        #[arg(long, value_delimiter = ',', requires = "webhook")]
+        webhook_events: Vec<String>,
     },
     /// Progress: jobs per status.
     Status { id: Uuid },
@@ -52,15 +59,18 @@ pub enum BatchCommand {
 pub async fn run(command: BatchCommand, json_output: bool) -> Result<(), CliError> {
     let client = Client::from_config()?;
     match command {
-        BatchCommand::Submit { file, model, wait, output, idempotency_key } => {
+        BatchCommand::Submit { file, model, wait, output, idempotency_key, webhook, webhook_events } => {
             let body = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).map_err(|e| CliError::Local(format!("stdin: {e}")))?
             } else {
                 std::fs::read_to_string(&file).map_err(|e| CliError::Local(format!("{}: {e}", file.display())))?
             };
+            let mut query = vec![("model", model)];
+            query.extend(webhook.map(|url| ("webhook", url)));
+            query.extend(webhook_events.into_iter().map(|event| ("webhook_events", event)));
             let mut request = client
                 .request(Method::POST, "/v1/batches")?
-                .query(&[("model", &model)])
+                .query(&query)
                 .header("content-type", "application/x-ndjson")
                 .body(body);
             if let Some(key) = idempotency_key {
