@@ -220,6 +220,41 @@ mod tests {
         assert_eq!(topology.dead_queue(), "t1.dead");
     }
 
+    /// `rabbitmq/definitions.json` declares each queue as the services do: a broker that
+    /// loaded it at boot would otherwise refuse their declarations (PRECONDITION_FAILED).
+    #[test]
+    fn the_definitions_file_declares_the_queues_as_the_services_do() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../rabbitmq/definitions.json");
+        let definitions: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let as_json = |table: FieldTable| -> serde_json::Value {
+            let fields = table.inner().iter().map(|(key, value)| {
+                let value = match value {
+                    AMQPValue::LongString(text) => serde_json::json!(text.to_string()),
+                    AMQPValue::LongInt(number) => serde_json::json!(number),
+                    other => panic!("no JSON form for {other:?}"),
+                };
+                (key.to_string(), value)
+            });
+            fields.collect::<serde_json::Map<_, _>>().into()
+        };
+        let topology = Topology::new(&Settings::default());
+        let mut expected = std::collections::BTreeMap::new();
+        expected.insert(topology.dead_queue(), as_json(topology.quorum_arguments()));
+        for &delay in topology.retry_tiers() {
+            expected.insert(topology.retry_queue(delay), as_json(topology.retry_queue_arguments(delay)));
+        }
+        for model in ["digits-cnn", "minilm-embed"] {
+            expected.insert(topology.job_queue(model), as_json(topology.job_queue_arguments()));
+        }
+        let declared: std::collections::BTreeMap<String, serde_json::Value> = definitions["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|queue| (queue["name"].as_str().unwrap().to_owned(), queue["arguments"].clone()))
+            .collect();
+        assert_eq!(declared, expected);
+    }
+
     #[test]
     fn envelope_round_trips() {
         for trace_id in [None, Some("req-42")] {
