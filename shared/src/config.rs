@@ -140,7 +140,9 @@ pub struct AuthSettings {
     /// Public keys that verify tokens, as PASERK `k4.public.…` strings. Several may be
     /// active at once so that signing keys can rotate; the token footer's `kid` picks one.
     pub public_keys: Vec<String>,
-    /// Secret key (PASERK `k4.secret.…`) used by `spoolctl token mint`. Never logged.
+    /// Secret key (PASERK `k4.secret.…`) that signs session and API tokens: the API does
+    /// not start without it, and `spoolctl token mint` signs with it too. Its public half
+    /// belongs in `public_keys`. Never logged.
     pub secret_key: Option<SecretString>,
     /// Issuer written into and required from every token.
     pub issuer: String,
