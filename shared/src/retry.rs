@@ -30,14 +30,6 @@ impl RetryPolicy {
         Self { tiers, max_attempts: max_attempts.max(1) }
     }
 
-    pub fn tiers(&self) -> &[Duration] {
-        &self.tiers
-    }
-
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
-
     /// `attempt` is the 1-based number of the attempt that just failed; `jitter` is a
     /// uniform random number in [0, 1).
     pub fn decide(&self, error: &JobError, attempt: u32, jitter: f64) -> RetryDecision {
