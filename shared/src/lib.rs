@@ -1,6 +1,16 @@
-//! Code shared by the API, the worker and the tests: configuration, domain types,
-//! database entities, the AMQP topology and message envelope, the model manifest
-//! and telemetry.
+//! Code shared by the API, the worker and the tests:
+//!
+//! - [`config`]: the typed `Settings` tree (defaults → file → environment);
+//! - [`db`]: the PostgreSQL pool and `LISTEN` loop; [`entities`]: the sea-orm entities;
+//! - [`job`]: job states and the error record of a failed job;
+//! - [`manifest`]: the served models, their artifacts, batching and schemas;
+//! - [`amqp`]: the RabbitMQ topology, its declaration, and the job message envelope;
+//! - [`retry`]: what a failed attempt becomes (retry tier, dead letter, failure);
+//! - [`breaker`]: the circuit breaker (the worker's per model and for PostgreSQL, the
+//!   dispatcher's per destination);
+//! - [`webhooks`]: Standard Webhooks signatures, secrets and event names; [`sealing`]:
+//!   webhook secrets sealed at rest; [`ssrf`]: the guard on webhook targets;
+//! - [`telemetry`]: logging set-up.
 
 pub mod amqp;
 pub mod breaker;
