@@ -509,8 +509,11 @@ async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
     }
 }
 
+/// Returns a batch's messages to their queue when its retries and dead letters could not
+/// be published, after a short pause (holding the batch's slot): a broker that keeps
+/// refusing them must not become a hot loop of redeliveries. Each return counts toward
+/// the queue's delivery limit.
 async fn requeue_later(deliveries: impl Iterator<Item = Delivery>) {
-    // A short pause so that a database outage does not turn into a hot redelivery loop.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for delivery in deliveries {
         let options = BasicNackOptions { requeue: true, ..Default::default() };

@@ -395,7 +395,9 @@ impl Dispatcher {
         }
     }
 
-    /// Puts a delivery back untried (its destination's breaker is open).
+    /// Puts a delivery back untried, due again after `wait`, and gives back the attempt
+    /// its lease counted: its destination's breaker is open, it waited too long for a
+    /// slot to its host, or the half-open breaker's probe slots are all taken.
     async fn defer(&self, due: &Due, wait: Duration) {
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
