@@ -10,7 +10,7 @@
 //!   dispatcher's per destination);
 //! - [`webhooks`]: Standard Webhooks signatures, secrets and event names; [`sealing`]:
 //!   webhook secrets sealed at rest; [`ssrf`]: the guard on webhook targets;
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up; [`shutdown`]: the signals every service stops on.
 
 pub mod amqp;
 pub mod breaker;
@@ -21,6 +21,7 @@ pub mod job;
 pub mod manifest;
 pub mod retry;
 pub mod sealing;
+pub mod shutdown;
 pub mod ssrf;
 pub mod telemetry;
 pub mod webhooks;

@@ -20,6 +20,7 @@ use spool_shared::amqp::{self, Topology};
 use spool_shared::breaker::SharedBreaker;
 use spool_shared::manifest::Manifest;
 use spool_shared::retry::RetryPolicy;
+use spool_shared::shutdown::wait_for_signal;
 use spool_shared::{Settings, db};
 use tokio_util::sync::CancellationToken;
 
@@ -198,22 +199,6 @@ fn default_worker_id() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Creates the counters operators alert on at zero, so each series exists (and a rule on
