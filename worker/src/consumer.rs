@@ -23,6 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::batcher::next_batch;
+use crate::outage::{until_admitted, until_db_answers};
 use crate::runtime::ModelHandle;
 use crate::store::{self, ClaimRequest, Completion, Outcome};
 
@@ -250,7 +251,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
             return; // shutting down: the unacked messages go back to the queue
         }
         let claim = || store::claim(&context.db, &request, &context.worker_id);
-        let Some(claimed) = until_db_answers(&context.database_breaker, batch.shutdown, "claim", claim).await else {
+        let Some(claimed) = until_db_answers(Some(&context.database_breaker), batch.shutdown, "claim", claim).await else {
             model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
             return; // shutting down: the unacked messages go back to the queue
         };
@@ -296,7 +297,7 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
         // On shutdown mid-outage the messages are not acked: their redelivery finds the
         // jobs still `running` and runs them again.
         if let Some(written) =
-            until_db_answers(&context.database_breaker, batch.shutdown, "record results", record).await
+            until_db_answers(Some(&context.database_breaker), batch.shutdown, "record results", record).await
         {
             tracing::debug!(written, "batch recorded");
             record_outcomes(&model.spec.name, &completions);
@@ -305,63 +306,6 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     }
     .instrument(span)
     .await;
-}
-
-/// Waits until `breaker` lets a call through (in half-open, this takes a probe slot),
-/// holding whatever the caller holds meanwhile. `false` when shutdown comes first.
-async fn until_admitted(breaker: &SharedBreaker, shutdown: &CancellationToken) -> bool {
-    loop {
-        let wait = breaker.with(|b| {
-            let now = Instant::now();
-            // Refused while half-open: other calls hold every probe slot; theirs decide soon.
-            (!b.try_acquire(now)).then(|| b.retry_after(now).unwrap_or(Duration::from_millis(100)))
-        });
-        let Some(wait) = wait else { return true };
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Runs a database operation through the PostgreSQL breaker, retrying until it succeeds
-/// and holding the batch's messages unacked meanwhile: an outage pauses this consumer
-/// (its batch slots stay taken, so it takes no more messages) instead of bouncing
-/// messages through the queue until their delivery limit dead-letters them. While the
-/// breaker is open nobody writes; when it half-opens, one probe write decides.
-/// `None` when shutdown comes first.
-async fn until_db_answers<T, F, Fut>(
-    breaker: &SharedBreaker,
-    shutdown: &CancellationToken,
-    what: &str,
-    mut operation: F,
-) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if !until_admitted(breaker, shutdown).await {
-            return None;
-        }
-        match operation().await {
-            Ok(value) => {
-                breaker.with(|b| b.record(true, Instant::now()));
-                return Some(value);
-            }
-            Err(error) => {
-                breaker.with(|b| b.record(false, Instant::now()));
-                tracing::error!(error.cause_chain = ?error, what, retry_in = ?backoff, "database unavailable; holding the batch");
-                metrics::counter!("spool_worker_database_errors_total").increment(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// Runs the batch; inputs carrying the fault-injection marker fail as a broken model

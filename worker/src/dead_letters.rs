@@ -6,8 +6,6 @@
 //! recording them here too would race it. PostgreSQL is the record operators work from
 //! (`/v1/admin/dead-letters`), so the queue is drained once a message is recorded.
 
-use std::time::Duration;
-
 use futures::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
@@ -18,6 +16,8 @@ use serde_json::json;
 use spool_shared::amqp::{JobEnvelope, Topology};
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
 use tokio_util::sync::CancellationToken;
+
+use crate::outage::until_db_answers;
 
 /// Consumes the dead-letter queue until shutdown or until the connection drops.
 pub async fn drain(
@@ -84,20 +84,9 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
     );
     // Ack only once recorded. A message neither acked nor nacked would sit on this
     // channel until the connection closes, its job unrecorded.
-    let mut backoff = Duration::from_millis(100);
-    let rows = loop {
-        match db.query_all_raw(statement.clone()).await {
-            Ok(rows) => break rows,
-            Err(error) => {
-                tracing::error!(error.cause_chain = ?error, retry_in = ?backoff, "cannot record a dead letter; retrying");
-                metrics::counter!("spool_worker_database_errors_total").increment(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let write = || db.query_all_raw(statement.clone());
+    let Some(rows) = until_db_answers(None, shutdown, "record a dead letter", write).await else {
+        return; // shutting down: the message goes back to the queue
     };
     if !rows.is_empty() {
         tracing::warn!(job_id = %envelope.job_id, %reason, "job dead-lettered by the broker");

@@ -9,6 +9,7 @@ pub mod device;
 pub mod dispatcher;
 pub mod engine;
 pub mod heartbeat;
+pub mod outage;
 pub mod runtime;
 pub mod store;
 
