@@ -19,6 +19,20 @@ use crate::retry::tier_name;
 /// instead of looping forever.
 pub const DELIVERY_LIMIT: i32 = 5;
 
+/// Headers of the dead letters a worker publishes itself (a job out of attempts). The
+/// broker's own dead letters carry `x-death` instead; the dead-letter sink tells the two
+/// apart by [`headers::REASON`].
+pub mod headers {
+    /// Why the worker dead-lettered the job: `max_attempts`.
+    pub const REASON: &str = "x-spool-reason";
+    /// How many attempts the job had.
+    pub const ATTEMPTS: &str = "x-spool-attempts";
+    /// The last attempt's error code.
+    pub const ERROR_CODE: &str = "x-spool-error-code";
+    /// The last attempt's error message.
+    pub const ERROR: &str = "x-spool-error";
+}
+
 /// Names of every exchange and queue, derived from one prefix.
 #[derive(Debug, Clone)]
 pub struct Topology {

@@ -12,7 +12,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use sea_orm::DatabaseConnection;
-use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::amqp::{self, JobEnvelope, Topology};
 use spool_shared::breaker::{CircuitBreaker, SharedBreaker};
 use spool_shared::job::JobError;
 use spool_shared::retry::{RetryDecision, RetryPolicy};
@@ -383,10 +383,10 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
             }
             Outcome::DeadLettered(error) => {
                 let mut headers = FieldTable::default();
-                headers.insert("x-spool-reason".into(), AMQPValue::LongString("max_attempts".into()));
-                headers.insert("x-spool-attempts".into(), AMQPValue::LongInt(completion.attempt));
-                headers.insert("x-spool-error-code".into(), AMQPValue::LongString(error.code.as_str().into()));
-                headers.insert("x-spool-error".into(), AMQPValue::LongString(error.message.as_str().into()));
+                headers.insert(amqp::headers::REASON.into(), AMQPValue::LongString("max_attempts".into()));
+                headers.insert(amqp::headers::ATTEMPTS.into(), AMQPValue::LongInt(completion.attempt));
+                headers.insert(amqp::headers::ERROR_CODE.into(), AMQPValue::LongString(error.code.as_str().into()));
+                headers.insert(amqp::headers::ERROR.into(), AMQPValue::LongString(error.message.as_str().into()));
                 (topology.dead_exchange(), headers)
             }
             _ => continue,

@@ -1,7 +1,7 @@
 //! The dead-letter sink: every worker also consumes `spool.dead`, so that a job whose
 //! message was dead-lettered *by the broker* (it hit `x-delivery-limit`, e.g. because it
 //! kept killing its worker) is recorded as `failed` + `dead_lettered` instead of staying
-//! `running` forever. Dead letters a worker published itself (`x-spool-reason`) are left
+//! `running` forever. Dead letters a worker published itself ([`headers::REASON`]) are left
 //! to that worker, which records the job's real error right after the publish confirm;
 //! recording them here too would race it. PostgreSQL is the record operators work from
 //! (`/v1/admin/dead-letters`), so the queue is drained once a message is recorded.
@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::json;
-use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::amqp::{JobEnvelope, Topology, headers};
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +60,7 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     };
-    if header(delivery, "x-spool-reason").is_some() {
+    if header(delivery, headers::REASON).is_some() {
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     }
@@ -96,7 +96,7 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
     let _ = delivery.ack(BasicAckOptions::default()).await;
 }
 
-/// A string header such as `x-spool-reason`.
+/// A string header such as [`headers::REASON`].
 fn header(delivery: &Delivery, name: &str) -> Option<String> {
     delivery.properties.headers().as_ref()?.inner().get(name).and_then(text)
 }
