@@ -10,7 +10,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use sea_orm::DatabaseConnection;
 use spool_shared::amqp::{self, JobEnvelope, Topology};
 use spool_shared::breaker::{CircuitBreaker, SharedBreaker};
@@ -397,10 +397,7 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
             // by the time it comes back (see `store::ClaimRequest::retries`).
             envelope = envelope.retrying(completion.attempt);
         }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_headers(headers);
+        let properties = envelope.properties().with_headers(headers);
         let confirm = batch
             .publisher
             .basic_publish(
