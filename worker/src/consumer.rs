@@ -354,7 +354,7 @@ fn decide(policy: &RetryPolicy, result: Result<serde_json::Value, JobError>, att
     match result {
         Ok(output) => Outcome::Succeeded(output),
         Err(error) => match policy.decide(&error, attempt.max(1) as u32, rand::random::<f64>()) {
-            RetryDecision::Retry { tier } => Outcome::Retrying { error, tier },
+            RetryDecision::Retry { delay } => Outcome::Retrying { error, delay },
             RetryDecision::DeadLetter => Outcome::DeadLettered(error),
             RetryDecision::Fail => Outcome::Failed(error),
         },
@@ -377,10 +377,7 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
     let mut confirms = Vec::new();
     for completion in completions {
         let (exchange, headers) = match &completion.outcome {
-            Outcome::Retrying { tier, .. } => {
-                let delay = topology.retry_tiers().get(*tier).copied().unwrap_or(Duration::from_secs(1));
-                (topology.retry_exchange(delay), FieldTable::default())
-            }
+            Outcome::Retrying { delay, .. } => (topology.retry_exchange(*delay), FieldTable::default()),
             Outcome::DeadLettered(error) => {
                 let mut headers = FieldTable::default();
                 headers.insert(amqp::headers::REASON.into(), AMQPValue::LongString("max_attempts".into()));

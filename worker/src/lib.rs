@@ -156,8 +156,9 @@ impl Application {
                 max_delay: Duration::from_millis(
                     settings.worker.max_batch_delay_ms.unwrap_or(model.spec.max_batch_delay_ms),
                 ),
+                // The tiers the topology declared: every delay the policy picks has its exchange.
                 retry: RetryPolicy::new(
-                    settings.amqp.retry_tiers(),
+                    context.topology.retry_tiers().to_vec(),
                     model.spec.max_attempts.unwrap_or(settings.worker.max_attempts),
                 ),
             };

@@ -2,6 +2,8 @@
 //! one statement. Both transitions are conditional, so a redelivered message can never
 //! complete a job twice.
 
+use std::time::Duration;
+
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use serde_json::{Value, json};
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
@@ -24,10 +26,10 @@ pub enum Outcome {
     Failed(JobError),
     /// Final: retryable but out of attempts.
     DeadLettered(JobError),
-    /// Back to `queued`; its message waits in retry tier `tier`.
+    /// Back to `queued`; its message waits `delay` in the retry tier of that delay.
     Retrying {
         error: JobError,
-        tier: usize,
+        delay: Duration,
     },
 }
 

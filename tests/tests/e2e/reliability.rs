@@ -162,7 +162,10 @@ async fn a_retry_that_overtakes_its_attempts_late_write_takes_the_job_over() {
     let late = Completion {
         id,
         attempt: 1,
-        outcome: Outcome::Retrying { error: JobError::retryable("injected_fault", "attempt 1 failed"), tier: 0 },
+        outcome: Outcome::Retrying {
+            error: JobError::retryable("injected_fault", "attempt 1 failed"),
+            delay: Duration::from_millis(500),
+        },
         trace_id: None,
     };
     assert_eq!(store::complete(&app.db, &[late], 1.0).await.unwrap(), 0, "the late write matches nothing");
