@@ -45,10 +45,11 @@ impl Application {
         let device = device::select(&settings.worker.device)?;
         // Process-wide; each model thread picks it up at its first forward.
         tch::set_num_threads(settings.worker.cpu_threads.clamp(1, 256) as i32);
+        let batches_in_flight = settings.worker.batches_in_flight.max(1);
         let mut models = Vec::with_capacity(wanted.len());
         for name in &wanted {
             let spec = manifest.get(name).with_context(|| format!("model {name:?} is not in the manifest"))?;
-            let handle = ModelHandle::start(spec.clone(), device, settings.worker.model_breaker)
+            let handle = ModelHandle::start(spec.clone(), device, settings.worker.model_breaker, batches_in_flight)
                 .await
                 .with_context(|| format!("starting model {name}"))?;
             models.push(handle);
@@ -61,7 +62,7 @@ impl Application {
             db,
             topology,
             worker_id,
-            batches_in_flight: settings.worker.batches_in_flight.max(1),
+            batches_in_flight,
             fail_marker: settings.worker.fail_marker.clone(),
             execution_timeout: Duration::from_millis(settings.worker.execution_timeout_ms.max(1)),
             database_breaker: SharedBreaker::new(settings.worker.database_breaker),
