@@ -7,7 +7,7 @@
 //! - [`amqp`]: the RabbitMQ topology, its declaration, and the job message envelope;
 //! - [`retry`]: what a failed attempt becomes (retry tier, dead letter, failure);
 //! - [`breaker`]: the circuit breaker (the worker's per model and for PostgreSQL, the
-//!   dispatcher's per destination);
+//!   dispatcher's per destination); [`heartbeat`]: what workers report of them to the API;
 //! - [`webhooks`]: Standard Webhooks signatures, secrets and event names; [`sealing`]:
 //!   webhook secrets sealed at rest; [`ssrf`]: the guard on webhook targets;
 //! - [`telemetry`]: logging set-up; [`shutdown`]: the signals every service stops on.
@@ -17,6 +17,7 @@ pub mod breaker;
 pub mod config;
 pub mod db;
 pub mod entities;
+pub mod heartbeat;
 pub mod job;
 pub mod manifest;
 pub mod retry;
