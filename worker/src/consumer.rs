@@ -267,16 +267,17 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
 
         let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
             claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
-        let started = Instant::now();
-        let results = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
+        let run = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
         // The model is healthy when nothing failed for a runtime (retryable) reason.
-        let healthy = !results.iter().any(|r| matches!(r, Err(error) if error.retryable));
+        let healthy = !run.results.iter().any(|r| matches!(r, Err(error) if error.retryable));
         model.breaker.with(|b| b.record(healthy, Instant::now()));
-        let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::Span::current().record("inference_ms", inference_ms);
+        let inference_ms = run.forward_time.map(|time| time.as_secs_f64() * 1000.0);
+        if let Some(inference_ms) = inference_ms {
+            tracing::Span::current().record("inference_ms", inference_ms);
+        }
         let completions: Vec<Completion> = ids_attempts
             .into_iter()
-            .zip(results)
+            .zip(run.results)
             .map(|((id, attempt), result)| Completion {
                 id,
                 attempt,
@@ -308,6 +309,16 @@ async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
     .await;
 }
 
+/// What running one batch produced.
+struct ModelRun {
+    /// One result per input, in order.
+    results: Vec<Result<serde_json::Value, JobError>>,
+    /// How long the forward took on the model thread, without the wait for the thread
+    /// (behind other batches' forwards) before it: what `inference_ms` reports. `None`
+    /// when no forward finished: every input was marked, or it failed or timed out.
+    forward_time: Option<Duration>,
+}
+
 /// Runs the batch; inputs carrying the fault-injection marker fail as a broken model
 /// would, and a failed forward fails every item with a retryable error.
 async fn run_model(
@@ -315,30 +326,30 @@ async fn run_model(
     inputs: Vec<serde_json::Value>,
     fail_marker: Option<&str>,
     timeout: Duration,
-) -> Vec<Result<serde_json::Value, JobError>> {
+) -> ModelRun {
     let injected = |input: &serde_json::Value| fail_marker.is_some_and(|marker| input.to_string().contains(marker));
     let marked: Vec<bool> = inputs.iter().map(injected).collect();
     let healthy: Vec<serde_json::Value> =
         inputs.into_iter().zip(&marked).filter(|(_, m)| !**m).map(|(i, _)| i).collect();
     let healthy_count = healthy.len();
-    let mut outputs = if healthy.is_empty() {
-        Vec::new()
+    let (outputs, forward_time) = if healthy.is_empty() {
+        (Vec::new(), None)
     } else {
         match tokio::time::timeout(timeout, model.infer(healthy)).await {
-            Ok(Ok(output)) => output.results,
+            Ok(Ok(output)) => (output.results, Some(output.inference_time)),
             Ok(Err(error)) => {
                 tracing::error!(error.cause_chain = ?error, "batch forward failed");
-                vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count]
+                (vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count], None)
             }
             Err(_) => {
                 tracing::error!(?timeout, "batch forward timed out");
                 let message = format!("the forward took longer than {} ms", timeout.as_millis());
-                vec![Err(JobError::retryable("timeout", message)); healthy_count]
+                (vec![Err(JobError::retryable("timeout", message)); healthy_count], None)
             }
         }
-    }
-    .into_iter();
-    marked
+    };
+    let mut outputs = outputs.into_iter();
+    let results = marked
         .into_iter()
         .map(|is_marked| {
             if is_marked {
@@ -347,7 +358,8 @@ async fn run_model(
                 outputs.next().unwrap_or_else(|| Err(JobError::retryable("inference_error", "missing result")))
             }
         })
-        .collect()
+        .collect();
+    ModelRun { results, forward_time }
 }
 
 fn decide(policy: &RetryPolicy, result: Result<serde_json::Value, JobError>, attempt: i32) -> Outcome {
@@ -465,5 +477,66 @@ async fn reject(delivery: Delivery) {
     let options = BasicNackOptions { requeue: false, ..Default::default() };
     if let Err(error) = delivery.nack(options).await {
         tracing::warn!(%error, "nack failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use spool_shared::breaker::BreakerSettings;
+    use spool_shared::manifest::Manifest;
+
+    use super::*;
+    use crate::engine::{Engine, EngineError, ItemResult};
+
+    /// Takes `self.0` for every forward, and echoes its inputs.
+    struct Slow(Duration);
+
+    impl Engine for Slow {
+        fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
+            std::thread::sleep(self.0);
+            Ok(inputs.iter().cloned().map(Ok).collect())
+        }
+
+        fn sample_input(&self) -> Value {
+            json!("warm")
+        }
+    }
+
+    async fn slow_model(forward: Duration, batches_in_flight: usize) -> ModelHandle {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let spec = Manifest::load(&models).expect("the manifest loads").models.into_iter().next().expect("a model");
+        let settings = BreakerSettings::default();
+        ModelHandle::start_with(spec, tch::Device::Cpu, settings, batches_in_flight, move || Ok(Box::new(Slow(forward))))
+            .await
+            .expect("the model starts")
+    }
+
+    #[tokio::test]
+    async fn inference_time_is_the_forward_alone_not_the_wait_for_the_model_thread() {
+        const FORWARD: Duration = Duration::from_millis(40);
+        let model = slow_model(FORWARD, 3).await;
+        let started = Instant::now();
+        let run = || run_model(&model, vec![json!(1)], None, Duration::from_secs(30));
+        let runs = futures::future::join3(run(), run(), run()).await;
+        let wall = started.elapsed();
+        let forwards: Vec<Duration> = [runs.0, runs.1, runs.2]
+            .into_iter()
+            .map(|run| run.forward_time.expect("each forward finished"))
+            .collect();
+        assert!(forwards.iter().all(|forward| *forward >= FORWARD), "{forwards:?}");
+        // The three forwards ran one after another on the model thread, so their own
+        // times fit in the wall time. Times that counted the wait for the thread would
+        // not: the last batch alone would have taken about the whole of it.
+        let total: Duration = forwards.iter().sum();
+        assert!(total <= wall, "forwards {forwards:?} add up to more than the {wall:?} they all took");
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_a_finished_forward_has_no_inference_time() {
+        let model = slow_model(Duration::ZERO, 1).await;
+        let run = run_model(&model, vec![json!("fail here")], Some("fail here"), Duration::from_secs(30)).await;
+        assert!(run.forward_time.is_none(), "every input failed before the forward");
+        assert!(matches!(&run.results[..], [Err(error)] if error.code == "injected_fault"));
     }
 }

@@ -58,7 +58,7 @@ impl ModelHandle {
     }
 
     /// [`Self::start`] with the engine made by `load` on the model's thread.
-    async fn start_with(
+    pub(crate) async fn start_with(
         spec: ModelSpec,
         device: Device,
         breaker: BreakerSettings,
