@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::batcher::next_batch;
 use crate::outage::{until_admitted, until_db_answers};
 use crate::runtime::ModelHandle;
-use crate::store::{self, ClaimRequest, Completion, Outcome};
+use crate::store::{self, ClaimRequest, ClaimedJob, Completion, Outcome};
 
 /// What every batch of every model shares.
 pub struct WorkerContext {
@@ -214,99 +214,163 @@ async fn close(channel: &Channel) {
 
 /// Claims, runs and records one batch, then acks its messages.
 async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
-    let (context, model) = (batch.worker, batch.model);
-    let mut by_job: HashMap<Uuid, Vec<Delivery>> = HashMap::with_capacity(deliveries.len());
-    let mut trace_ids: HashMap<Uuid, String> = HashMap::new();
-    let mut request = ClaimRequest::new(Vec::new());
-    for delivery in deliveries {
-        match JobEnvelope::from_bytes(&delivery.data) {
-            Ok(envelope) if envelope.model == model.spec.name => {
-                if delivery.redelivered {
-                    request.redelivered.push(envelope.job_id);
-                }
-                if let Some(attempt) = envelope.retry_of {
-                    request.retries.push((envelope.job_id, attempt));
-                }
-                if let Some(trace_id) = envelope.trace_id {
-                    trace_ids.insert(envelope.job_id, trace_id);
-                }
-                by_job.entry(envelope.job_id).or_default().push(delivery);
-            }
-            _ => {
-                tracing::warn!(model = %model.spec.name, "unreadable message; dead-lettering it");
-                reject(delivery).await;
-            }
-        }
+    let model = batch.model;
+    let (held, unreadable) = prepare_claim(&model.spec.name, deliveries);
+    for delivery in unreadable {
+        tracing::warn!(model = %model.spec.name, "unreadable message; dead-lettering it");
+        reject(delivery).await;
     }
-    if by_job.is_empty() {
+    if held.messages.is_empty() {
         return;
     }
-    request.ids = by_job.keys().copied().collect();
-    let span = tracing::info_span!("batch", model = %model.spec.name, size = request.ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
+    let span = tracing::info_span!("batch", model = %model.spec.name, size = held.claim.ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
     async {
-        // The model's breaker admits the batch before anything is claimed: a batch it
-        // refused would otherwise have spent an attempt (and sent `job.started`) without
-        // running, and a nack toward the delivery limit. Meanwhile its messages are held.
-        if !until_admitted(&model.breaker, batch.shutdown).await {
-            return; // shutting down: the unacked messages go back to the queue
-        }
-        let claim = || store::claim(&context.db, &request, &context.worker_id);
-        let Some(claimed) = until_db_answers(Some(&context.database_breaker), batch.shutdown, "claim", claim).await else {
-            model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
-            return; // shutting down: the unacked messages go back to the queue
+        // A step that ends the batch early (shutdown, nothing to run, a failed publish)
+        // settles what it can; messages left unacked go back to the queue when the
+        // channel closes.
+        let Some((claimed, messages)) = claim(batch, &held.claim, held.messages).await else {
+            return;
         };
-        tracing::Span::current().record("claimed", claimed.len());
-        // Canceled, finished or foreign jobs: nothing to run, only the message to settle.
-        let claimed_ids: HashSet<Uuid> = claimed.iter().map(|job| job.id).collect();
-        let (owned, settled): (Vec<_>, Vec<_>) = by_job.into_iter().partition(|(id, _)| claimed_ids.contains(id));
-        ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
-        if claimed.is_empty() {
-            model.breaker.with(CircuitBreaker::release);
-            return;
-        }
-
-        let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
-            claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
-        let run = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
-        // The model is healthy when nothing failed for a runtime (retryable) reason.
-        let healthy = !run.results.iter().any(|r| matches!(r, Err(error) if error.retryable));
-        model.breaker.with(|b| b.record(healthy, Instant::now()));
-        let inference_ms = run.forward_time.map(|time| time.as_secs_f64() * 1000.0);
-        if let Some(inference_ms) = inference_ms {
-            tracing::Span::current().record("inference_ms", inference_ms);
-        }
-        let completions: Vec<Completion> = ids_attempts
-            .into_iter()
-            .zip(run.results)
-            .map(|((id, attempt), result)| Completion {
-                id,
-                attempt,
-                outcome: decide(batch.retry, result, attempt),
-                trace_id: trace_ids.remove(&id),
-            })
-            .collect();
-        // Retries and dead letters are published (and confirmed) before the commit: a crash
-        // in between leaves the original message unacked, and its redelivery reruns the
-        // job; the extra copy finds the job no longer claimable and is dropped.
-        if let Err(error) = publish_failures(batch, &completions).await {
-            tracing::error!(%error, "cannot publish retries; returning jobs to the queue");
-            requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
-            return;
-        }
-        let deliveries = owned.into_iter().flat_map(|(_, d)| d);
-        let record = || store::complete(&context.db, &completions, inference_ms);
-        // On shutdown mid-outage the messages are not acked: their redelivery finds the
-        // jobs still `running` and runs them again.
-        if let Some(written) =
-            until_db_answers(Some(&context.database_breaker), batch.shutdown, "record results", record).await
-        {
-            tracing::debug!(written, "batch recorded");
-            record_outcomes(&model.spec.name, &completions);
-            ack_all(deliveries).await;
-        }
+        let (completions, inference_ms) = run_claimed(batch, claimed, held.trace_ids).await;
+        settle(batch, messages, &completions, inference_ms).await;
     }
     .instrument(span)
     .await;
+}
+
+/// A batch's messages grouped by job, and the claim they make.
+struct Held {
+    /// Each job's messages (more than one when a copy of it came along: redelivered, or
+    /// a retry).
+    messages: HashMap<Uuid, Vec<Delivery>>,
+    /// The trace id each job's message carries.
+    trace_ids: HashMap<Uuid, String>,
+    claim: ClaimRequest,
+}
+
+/// Groups the batch's messages by job and prepares their claim: which jobs, whose message
+/// was redelivered, which retry an attempt. Messages that are not job envelopes of
+/// `model` are returned apart, to be dead-lettered.
+fn prepare_claim(model: &str, deliveries: Vec<Delivery>) -> (Held, Vec<Delivery>) {
+    let mut held = Held {
+        messages: HashMap::with_capacity(deliveries.len()),
+        trace_ids: HashMap::new(),
+        claim: ClaimRequest::new(Vec::new()),
+    };
+    let mut unreadable = Vec::new();
+    for delivery in deliveries {
+        match JobEnvelope::from_bytes(&delivery.data) {
+            Ok(envelope) if envelope.model == model => {
+                if delivery.redelivered {
+                    held.claim.redelivered.push(envelope.job_id);
+                }
+                if let Some(attempt) = envelope.retry_of {
+                    held.claim.retries.push((envelope.job_id, attempt));
+                }
+                if let Some(trace_id) = envelope.trace_id {
+                    held.trace_ids.insert(envelope.job_id, trace_id);
+                }
+                held.messages.entry(envelope.job_id).or_default().push(delivery);
+            }
+            _ => unreadable.push(delivery),
+        }
+    }
+    held.claim.ids = held.messages.keys().copied().collect();
+    (held, unreadable)
+}
+
+/// Claims the batch's jobs once the model's breaker admits the batch, and acks the
+/// messages of the jobs not claimed (canceled, finished, or another worker's). Returns
+/// the claimed jobs and their messages; `None` when there is nothing to run, or on
+/// shutdown (the messages are left unacked).
+async fn claim(
+    batch: &BatchContext<'_>,
+    request: &ClaimRequest,
+    messages: HashMap<Uuid, Vec<Delivery>>,
+) -> Option<(Vec<ClaimedJob>, Vec<Delivery>)> {
+    let (context, model) = (batch.worker, batch.model);
+    // The model's breaker admits the batch before anything is claimed: a batch it
+    // refused would otherwise have spent an attempt (and sent `job.started`) without
+    // running, and a nack toward the delivery limit. Meanwhile its messages are held.
+    if !until_admitted(&model.breaker, batch.shutdown).await {
+        return None; // shutting down
+    }
+    let write = || store::claim(&context.db, request, &context.worker_id);
+    let Some(claimed) = until_db_answers(Some(&context.database_breaker), batch.shutdown, "claim", write).await else {
+        model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
+        return None; // shutting down
+    };
+    tracing::Span::current().record("claimed", claimed.len());
+    // Canceled, finished or foreign jobs: nothing to run, only the message to settle.
+    let claimed_ids: HashSet<Uuid> = claimed.iter().map(|job| job.id).collect();
+    let (owned, settled): (Vec<_>, Vec<_>) = messages.into_iter().partition(|(id, _)| claimed_ids.contains(id));
+    ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
+    if claimed.is_empty() {
+        model.breaker.with(CircuitBreaker::release);
+        return None;
+    }
+    Some((claimed, owned.into_iter().flat_map(|(_, d)| d).collect()))
+}
+
+/// Runs the claimed jobs in one forward, tells the model's breaker how it went, and
+/// decides each job's outcome. Also returns the forward's time in ms (`None` when no
+/// forward finished).
+async fn run_claimed(
+    batch: &BatchContext<'_>,
+    claimed: Vec<ClaimedJob>,
+    mut trace_ids: HashMap<Uuid, String>,
+) -> (Vec<Completion>, Option<f64>) {
+    let (context, model) = (batch.worker, batch.model);
+    let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
+        claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
+    let run = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
+    // The model is healthy when nothing failed for a runtime (retryable) reason.
+    let healthy = !run.results.iter().any(|r| matches!(r, Err(error) if error.retryable));
+    model.breaker.with(|b| b.record(healthy, Instant::now()));
+    let inference_ms = run.forward_time.map(|time| time.as_secs_f64() * 1000.0);
+    if let Some(inference_ms) = inference_ms {
+        tracing::Span::current().record("inference_ms", inference_ms);
+    }
+    let completions = ids_attempts
+        .into_iter()
+        .zip(run.results)
+        .map(|((id, attempt), result)| Completion {
+            id,
+            attempt,
+            outcome: decide(batch.retry, result, attempt),
+            trace_id: trace_ids.remove(&id),
+        })
+        .collect();
+    (completions, inference_ms)
+}
+
+/// Publishes the batch's retries and dead letters, records every result, and only then
+/// acks the batch's messages.
+async fn settle(
+    batch: &BatchContext<'_>,
+    messages: Vec<Delivery>,
+    completions: &[Completion],
+    inference_ms: Option<f64>,
+) {
+    let context = batch.worker;
+    // Retries and dead letters are published (and confirmed) before the commit: a crash
+    // in between leaves the original message unacked, and its redelivery reruns the
+    // job; the extra copy finds the job no longer claimable and is dropped.
+    if let Err(error) = publish_failures(batch, completions).await {
+        tracing::error!(%error, "cannot publish retries; returning jobs to the queue");
+        requeue_later(messages).await;
+        return;
+    }
+    let record = || store::complete(&context.db, completions, inference_ms);
+    // On shutdown mid-outage the messages are not acked: their redelivery finds the
+    // jobs still `running` and runs them again.
+    if let Some(written) =
+        until_db_answers(Some(&context.database_breaker), batch.shutdown, "record results", record).await
+    {
+        tracing::debug!(written, "batch recorded");
+        record_outcomes(&batch.model.spec.name, completions);
+        ack_all(messages).await;
+    }
 }
 
 /// What running one batch produced.
@@ -450,7 +514,7 @@ fn record_outcomes(model: &str, completions: &[Completion]) {
     }
 }
 
-async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
+async fn ack_all(deliveries: impl IntoIterator<Item = Delivery>) {
     for delivery in deliveries {
         if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
             // The broker will redeliver it; the conditional writes make that harmless.
@@ -463,7 +527,7 @@ async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
 /// be published, after a short pause (holding the batch's slot): a broker that keeps
 /// refusing them must not become a hot loop of redeliveries. Each return counts toward
 /// the queue's delivery limit.
-async fn requeue_later(deliveries: impl Iterator<Item = Delivery>) {
+async fn requeue_later(deliveries: impl IntoIterator<Item = Delivery>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for delivery in deliveries {
         let options = BasicNackOptions { requeue: true, ..Default::default() };
@@ -507,9 +571,11 @@ mod tests {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
         let spec = Manifest::load(&models).expect("the manifest loads").models.into_iter().next().expect("a model");
         let settings = BreakerSettings::default();
-        ModelHandle::start_with(spec, tch::Device::Cpu, settings, batches_in_flight, move || Ok(Box::new(Slow(forward))))
-            .await
-            .expect("the model starts")
+        ModelHandle::start_with(spec, tch::Device::Cpu, settings, batches_in_flight, move || {
+            Ok(Box::new(Slow(forward)))
+        })
+        .await
+        .expect("the model starts")
     }
 
     #[tokio::test]
@@ -520,10 +586,8 @@ mod tests {
         let run = || run_model(&model, vec![json!(1)], None, Duration::from_secs(30));
         let runs = futures::future::join3(run(), run(), run()).await;
         let wall = started.elapsed();
-        let forwards: Vec<Duration> = [runs.0, runs.1, runs.2]
-            .into_iter()
-            .map(|run| run.forward_time.expect("each forward finished"))
-            .collect();
+        let forwards: Vec<Duration> =
+            [runs.0, runs.1, runs.2].into_iter().map(|run| run.forward_time.expect("each forward finished")).collect();
         assert!(forwards.iter().all(|forward| *forward >= FORWARD), "{forwards:?}");
         // The three forwards ran one after another on the model thread, so their own
         // times fit in the wall time. Times that counted the wait for the thread would
