@@ -257,7 +257,8 @@ mod tests {
     #[test]
     fn every_message_of_a_job_is_persistent_json_named_by_the_job_id() {
         let job_id = Uuid::now_v7();
-        for envelope in [JobEnvelope::new(job_id, "digits-cnn", None), JobEnvelope::new(job_id, "m", None).retrying(2)] {
+        let first = JobEnvelope::new(job_id, "digits-cnn", None);
+        for envelope in [first.clone(), first.retrying(2)] {
             let properties = envelope.properties();
             assert_eq!(*properties.delivery_mode(), Some(2));
             assert_eq!(properties.content_type().as_ref().map(|t| t.as_str()), Some("application/json"));
