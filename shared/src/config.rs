@@ -253,7 +253,8 @@ pub struct WorkerSettings {
     /// the endpoint off.
     pub metrics_bind: Option<String>,
     /// How often the worker announces itself (and its breakers) in Redis; the API treats
-    /// a worker silent for 5 intervals as gone.
+    /// a worker silent for [`MISSED_BEATS_BEFORE_GONE`](crate::heartbeat::MISSED_BEATS_BEFORE_GONE)
+    /// (5) intervals as gone.
     pub heartbeat_interval_ms: u64,
     /// Fault injection for tests and drills: inputs whose JSON contains this string fail
     /// with a retryable runtime error, as a broken model would. Never set in production.
