@@ -150,7 +150,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            spool_shared::shutdown::wait_for_signal().await;
             tracing::info!("shutdown requested");
             shutdown.cancel();
         });
@@ -309,21 +309,6 @@ async fn batch_in_turn<E: Endpoint>(
     request.set_body(body);
     let _turn = turns.acquire().await.expect("the semaphore is never closed. This is a bug.");
     Ok(endpoint.call(request).await?.into_response())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, PublisherConfirm};
+use lapin::{Channel, PublisherConfirm};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement, TransactionTrait};
 use spool_shared::Settings;
 use spool_shared::amqp::{self, JobEnvelope, Topology};
@@ -108,10 +108,7 @@ impl Publisher {
     }
 
     async fn send(&self, channel: &Channel, job: &JobEnvelope) -> Result<PublisherConfirm, PublishError> {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2) // persistent
-            .with_content_type("application/json".into())
-            .with_message_id(job.job_id.to_string().into());
+        let properties = job.properties();
         Ok(channel
             .basic_publish(
                 self.inner.topology.jobs_exchange().into(),

@@ -1,5 +1,6 @@
 //! What the API knows about workers: their heartbeats in Redis (written by each worker
-//! every `worker.heartbeat_interval_ms`, expiring after five missed beats).
+//! every `worker.heartbeat_interval_ms`, expiring after
+//! [`MISSED_BEATS_BEFORE_GONE`](spool_shared::heartbeat::MISSED_BEATS_BEFORE_GONE) missed beats).
 //!
 //! The API's view of each model is a breaker fed by the heartbeats: submissions are
 //! refused (`503 model_unavailable`, `Retry-After`) when live workers serve the model and
@@ -9,42 +10,18 @@
 //! starts (a deploy or a crash-restart should not fail clients); clients that need a
 //! fast answer use `Prefer: wait=N`. When Redis is unreachable nothing is refused.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use spool_shared::breaker::BreakerSettings;
+use spool_shared::breaker::{BreakerSettings, BreakerState};
+use spool_shared::heartbeat::{Heartbeat, ModelBeat};
 
 use crate::error::ApiError;
 use crate::redis_handle::RedisHandle;
 
 const CACHE_FOR: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct WorkerBeat {
-    pub worker_id: String,
-    pub device: String,
-    pub models: BTreeMap<String, ModelBeat>,
-    /// The worker's PostgreSQL breaker (`closed`, `open`, `half_open`).
-    #[serde(default)]
-    pub database: Option<String>,
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    pub seen_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ModelBeat {
-    /// `closed`, `open` or `half_open`.
-    pub breaker: String,
-    /// Calls and failures in the worker's current breaker window.
-    #[serde(default)]
-    pub calls: u32,
-    #[serde(default)]
-    pub failures: u32,
-}
 
 /// Whether the API takes jobs for a model, from what its live workers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,12 +36,12 @@ pub enum ModelHealth {
 }
 
 impl ModelHealth {
-    pub fn assess(model: &str, workers: &[WorkerBeat], breaker: &BreakerSettings) -> Self {
+    pub fn assess(model: &str, workers: &[Heartbeat], breaker: &BreakerSettings) -> Self {
         let beats: Vec<&ModelBeat> = workers.iter().filter_map(|w| w.models.get(model)).collect();
         if beats.is_empty() {
             return Self::NoWorker;
         }
-        if beats.iter().all(|m| m.breaker == "open") {
+        if beats.iter().all(|m| m.breaker == BreakerState::Open) {
             return Self::BreakersOpen;
         }
         let calls: u32 = beats.iter().map(|m| m.calls).sum();
@@ -91,7 +68,7 @@ impl ModelHealth {
 }
 
 /// When the workers were read, and what was read.
-type Snapshot = (Instant, Vec<WorkerBeat>);
+type Snapshot = (Instant, Vec<Heartbeat>);
 
 #[derive(Clone)]
 pub struct WorkerRegistry {
@@ -107,12 +84,12 @@ impl WorkerRegistry {
         Self { redis, cache: Arc::new(Mutex::new(None)), breaker }
     }
 
-    pub fn health(&self, model: &str, workers: &[WorkerBeat]) -> ModelHealth {
+    pub fn health(&self, model: &str, workers: &[Heartbeat]) -> ModelHealth {
         ModelHealth::assess(model, workers, &self.breaker)
     }
 
     /// Live workers (cached for a second); `None` when Redis cannot be asked.
-    pub async fn live(&self) -> Option<Vec<WorkerBeat>> {
+    pub async fn live(&self) -> Option<Vec<Heartbeat>> {
         let mut cache = self.cache.lock().await;
         if let Some((at, workers)) = cache.as_ref()
             && at.elapsed() < CACHE_FOR
@@ -124,7 +101,7 @@ impl WorkerRegistry {
         Some(workers)
     }
 
-    async fn read(&self) -> Option<Vec<WorkerBeat>> {
+    async fn read(&self) -> Option<Vec<Heartbeat>> {
         let pattern = self.redis.key("worker:*");
         let mut keys = Vec::new();
         let mut cursor = "0".to_owned();
@@ -144,7 +121,7 @@ impl WorkerRegistry {
         let mut get = redis::cmd("MGET");
         get.arg(&keys);
         let values: Vec<Option<String>> = self.redis.query(&get).await.ok()?;
-        let mut workers: Vec<WorkerBeat> =
+        let mut workers: Vec<Heartbeat> =
             values.into_iter().flatten().filter_map(|v| serde_json::from_str(&v).ok()).collect();
         workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         Some(workers)
@@ -168,18 +145,20 @@ impl WorkerRegistry {
 mod tests {
     use super::*;
 
-    fn worker(model: &str, breaker: &str, calls: u32, failures: u32) -> WorkerBeat {
-        WorkerBeat {
-            worker_id: format!("w-{breaker}-{calls}"),
+    use BreakerState::{Closed, HalfOpen, Open};
+
+    fn worker(model: &str, breaker: BreakerState, calls: u32, failures: u32) -> Heartbeat {
+        Heartbeat {
+            worker_id: format!("w-{}-{calls}", breaker.as_str()),
             device: "cpu".into(),
             database: None,
-            models: [(model.to_owned(), ModelBeat { breaker: breaker.into(), calls, failures })].into(),
+            models: [(model.to_owned(), ModelBeat { breaker, calls, failures })].into(),
             started_at: chrono::Utc::now(),
             seen_at: chrono::Utc::now(),
         }
     }
 
-    fn assess(workers: &[WorkerBeat]) -> ModelHealth {
+    fn assess(workers: &[Heartbeat]) -> ModelHealth {
         let settings = BreakerSettings { failure_rate: 0.5, min_calls: 10, ..Default::default() };
         ModelHealth::assess("m", workers, &settings)
     }
@@ -187,23 +166,23 @@ mod tests {
     #[test]
     fn a_model_without_live_workers_still_queues() {
         assert_eq!(assess(&[]), ModelHealth::NoWorker);
-        assert_eq!(assess(&[worker("other", "open", 0, 0)]), ModelHealth::NoWorker);
+        assert_eq!(assess(&[worker("other", Open, 0, 0)]), ModelHealth::NoWorker);
         assert!(ModelHealth::NoWorker.accepting());
     }
 
     #[test]
     fn all_breakers_open_refuses_one_closed_accepts() {
-        assert_eq!(assess(&[worker("m", "open", 0, 0), worker("m", "open", 0, 0)]), ModelHealth::BreakersOpen);
-        assert_eq!(assess(&[worker("m", "open", 0, 0), worker("m", "closed", 4, 0)]), ModelHealth::Accepting);
+        assert_eq!(assess(&[worker("m", Open, 0, 0), worker("m", Open, 0, 0)]), ModelHealth::BreakersOpen);
+        assert_eq!(assess(&[worker("m", Open, 0, 0), worker("m", Closed, 4, 0)]), ModelHealth::Accepting);
     }
 
     #[test]
     fn combined_recent_failures_refuse_once_there_are_enough_calls() {
         // Each worker alone is below min_calls; together they fail at 60%.
-        let failing = [worker("m", "closed", 5, 3), worker("m", "half_open", 5, 3)];
+        let failing = [worker("m", Closed, 5, 3), worker("m", HalfOpen, 5, 3)];
         assert_eq!(assess(&failing), ModelHealth::Failing);
         assert!(!ModelHealth::Failing.accepting());
-        assert_eq!(assess(&[worker("m", "closed", 5, 5)]), ModelHealth::Accepting, "too few calls");
-        assert_eq!(assess(&[worker("m", "closed", 10, 4), worker("m", "closed", 10, 5)]), ModelHealth::Accepting);
+        assert_eq!(assess(&[worker("m", Closed, 5, 5)]), ModelHealth::Accepting, "too few calls");
+        assert_eq!(assess(&[worker("m", Closed, 10, 4), worker("m", Closed, 10, 5)]), ModelHealth::Accepting);
     }
 }

@@ -28,6 +28,7 @@ mod m20261124_000001_create_jobs;
 mod m20261124_000002_create_identity;
 mod m20261124_000003_add_dead_letters;
 mod m20261124_000004_add_start_deadline;
+// No 000005 ever existed: the webhooks migration was added as 000006 (d85d361). Never renumber (see the test).
 mod m20261124_000006_create_webhooks;
 mod m20261125_000007_create_batches;
 mod m20261125_000008_index_queued_jobs;

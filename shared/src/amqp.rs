@@ -5,7 +5,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -18,6 +18,20 @@ use crate::retry::tier_name;
 /// A message that keeps killing its consumer is dead-lettered after this many deliveries
 /// instead of looping forever.
 pub const DELIVERY_LIMIT: i32 = 5;
+
+/// Headers of the dead letters a worker publishes itself (a job out of attempts). The
+/// broker's own dead letters carry `x-death` instead; the dead-letter sink tells the two
+/// apart by [`headers::REASON`].
+pub mod headers {
+    /// Why the worker dead-lettered the job: `max_attempts`.
+    pub const REASON: &str = "x-spool-reason";
+    /// How many attempts the job had.
+    pub const ATTEMPTS: &str = "x-spool-attempts";
+    /// The last attempt's error code.
+    pub const ERROR_CODE: &str = "x-spool-error-code";
+    /// The last attempt's error message.
+    pub const ERROR: &str = "x-spool-error";
+}
 
 /// Names of every exchange and queue, derived from one prefix.
 #[derive(Debug, Clone)]
@@ -197,6 +211,15 @@ impl JobEnvelope {
         self
     }
 
+    /// Properties of the envelope's message: persistent, JSON, and the job id as
+    /// `message_id`, the same on a job's first message, its retries and its dead letter.
+    pub fn properties(&self) -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(2) // persistent
+            .with_content_type("application/json".into())
+            .with_message_id(self.job_id.to_string().into())
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serializes. This is a bug.")
     }
@@ -264,6 +287,18 @@ mod tests {
         // Messages published before trace ids were set still read.
         let old = br#"{"v":1,"job_id":"0190d1e4-0000-7000-8000-000000000000","model":"digits-cnn","trace_id":null}"#;
         assert_eq!(JobEnvelope::from_bytes(old).map(|e| e.trace_id).ok(), Some(None));
+    }
+
+    #[test]
+    fn every_message_of_a_job_is_persistent_json_named_by_the_job_id() {
+        let job_id = Uuid::now_v7();
+        let first = JobEnvelope::new(job_id, "digits-cnn", None);
+        for envelope in [first.clone(), first.retrying(2)] {
+            let properties = envelope.properties();
+            assert_eq!(*properties.delivery_mode(), Some(2));
+            assert_eq!(properties.content_type().as_ref().map(|t| t.as_str()), Some("application/json"));
+            assert_eq!(properties.message_id().as_ref().map(|id| id.to_string()), Some(job_id.to_string()));
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(default)]
@@ -33,7 +33,9 @@ impl Default for BreakerSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Written as `closed`, `open` or `half_open` (heartbeats, admin endpoints, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,
     Open,
@@ -203,6 +205,14 @@ mod tests {
         for &ok in outcomes {
             assert!(breaker.try_acquire(now));
             breaker.record(ok, now);
+        }
+    }
+
+    #[test]
+    fn states_are_written_as_their_names() {
+        for state in [BreakerState::Closed, BreakerState::Open, BreakerState::HalfOpen] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+            assert_eq!(serde_json::from_value::<BreakerState>(state.as_str().into()).unwrap(), state);
         }
     }
 

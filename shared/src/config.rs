@@ -140,7 +140,9 @@ pub struct AuthSettings {
     /// Public keys that verify tokens, as PASERK `k4.public.…` strings. Several may be
     /// active at once so that signing keys can rotate; the token footer's `kid` picks one.
     pub public_keys: Vec<String>,
-    /// Secret key (PASERK `k4.secret.…`) used by `spoolctl token mint`. Never logged.
+    /// Secret key (PASERK `k4.secret.…`) that signs session and API tokens: the API does
+    /// not start without it, and `spoolctl token mint` signs with it too. Its public half
+    /// belongs in `public_keys`. Never logged.
     pub secret_key: Option<SecretString>,
     /// Issuer written into and required from every token.
     pub issuer: String,
@@ -251,7 +253,8 @@ pub struct WorkerSettings {
     /// the endpoint off.
     pub metrics_bind: Option<String>,
     /// How often the worker announces itself (and its breakers) in Redis; the API treats
-    /// a worker silent for 5 intervals as gone.
+    /// a worker silent for [`MISSED_BEATS_BEFORE_GONE`](crate::heartbeat::MISSED_BEATS_BEFORE_GONE)
+    /// (5) intervals as gone.
     pub heartbeat_interval_ms: u64,
     /// Fault injection for tests and drills: inputs whose JSON contains this string fail
     /// with a retryable runtime error, as a broken model would. Never set in production.

@@ -17,8 +17,8 @@ pub struct RetryPolicy {
 /// The fate of a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryDecision {
-    /// Run again after the tier's delay.
-    Retry { tier: usize },
+    /// Run again after `delay`, one of the policy's tiers.
+    Retry { delay: Duration },
     /// Retryable, but out of attempts: fail and dead-letter.
     DeadLetter,
     /// Not retryable (the model rejects the input): fail now.
@@ -26,16 +26,10 @@ pub enum RetryDecision {
 }
 
 impl RetryPolicy {
+    /// `tiers`: the delays of the retry tiers the topology declares (each one a
+    /// `spool.retry.<delay>` exchange), shortest first.
     pub fn new(tiers: Vec<Duration>, max_attempts: u32) -> Self {
         Self { tiers, max_attempts: max_attempts.max(1) }
-    }
-
-    pub fn tiers(&self) -> &[Duration] {
-        &self.tiers
-    }
-
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
     }
 
     /// `attempt` is the 1-based number of the attempt that just failed; `jitter` is a
@@ -50,7 +44,7 @@ impl RetryPolicy {
         let last = self.tiers.len() - 1;
         let base = (attempt.saturating_sub(1) as usize).min(last);
         let tier = if jitter < 0.25 { (base + 1).min(last) } else { base };
-        RetryDecision::Retry { tier }
+        RetryDecision::Retry { delay: self.tiers[tier] }
     }
 }
 
@@ -75,21 +69,25 @@ mod tests {
         RetryPolicy::new(tiers, 4)
     }
 
+    fn after(seconds: u64) -> RetryDecision {
+        RetryDecision::Retry { delay: Duration::from_secs(seconds) }
+    }
+
     #[test]
     fn retryable_failures_climb_the_tiers_until_attempts_run_out() {
         let error = JobError::retryable("inference_error", "boom");
-        assert_eq!(policy().decide(&error, 1, 0.9), RetryDecision::Retry { tier: 0 });
-        assert_eq!(policy().decide(&error, 2, 0.9), RetryDecision::Retry { tier: 1 });
-        assert_eq!(policy().decide(&error, 3, 0.9), RetryDecision::Retry { tier: 2 });
+        assert_eq!(policy().decide(&error, 1, 0.9), after(1));
+        assert_eq!(policy().decide(&error, 2, 0.9), after(5));
+        assert_eq!(policy().decide(&error, 3, 0.9), after(30));
         assert_eq!(policy().decide(&error, 4, 0.9), RetryDecision::DeadLetter);
     }
 
     #[test]
     fn jitter_sometimes_skips_ahead_a_tier_but_never_past_the_last() {
         let error = JobError::retryable("inference_error", "boom");
-        assert_eq!(policy().decide(&error, 1, 0.1), RetryDecision::Retry { tier: 1 });
+        assert_eq!(policy().decide(&error, 1, 0.1), after(5));
         let long = RetryPolicy::new(vec![Duration::from_secs(1)], 10);
-        assert_eq!(long.decide(&error, 5, 0.1), RetryDecision::Retry { tier: 0 });
+        assert_eq!(long.decide(&error, 5, 0.1), after(1));
     }
 
     #[test]

@@ -10,9 +10,9 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use sea_orm::DatabaseConnection;
-use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::amqp::{self, JobEnvelope, Topology};
 use spool_shared::breaker::{CircuitBreaker, SharedBreaker};
 use spool_shared::job::JobError;
 use spool_shared::retry::{RetryDecision, RetryPolicy};
@@ -23,8 +23,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::batcher::next_batch;
+use crate::outage::{until_admitted, until_db_answers};
 use crate::runtime::ModelHandle;
-use crate::store::{self, ClaimRequest, Completion, Outcome};
+use crate::store::{self, ClaimRequest, ClaimedJob, Completion, Outcome};
 
 /// What every batch of every model shares.
 pub struct WorkerContext {
@@ -213,155 +214,173 @@ async fn close(channel: &Channel) {
 
 /// Claims, runs and records one batch, then acks its messages.
 async fn process_batch(batch: &BatchContext<'_>, deliveries: Vec<Delivery>) {
-    let (context, model) = (batch.worker, batch.model);
-    let mut by_job: HashMap<Uuid, Vec<Delivery>> = HashMap::with_capacity(deliveries.len());
-    let mut trace_ids: HashMap<Uuid, String> = HashMap::new();
-    let mut request = ClaimRequest::new(Vec::new());
-    for delivery in deliveries {
-        match JobEnvelope::from_bytes(&delivery.data) {
-            Ok(envelope) if envelope.model == model.spec.name => {
-                if delivery.redelivered {
-                    request.redelivered.push(envelope.job_id);
-                }
-                if let Some(attempt) = envelope.retry_of {
-                    request.retries.push((envelope.job_id, attempt));
-                }
-                if let Some(trace_id) = envelope.trace_id {
-                    trace_ids.insert(envelope.job_id, trace_id);
-                }
-                by_job.entry(envelope.job_id).or_default().push(delivery);
-            }
-            _ => {
-                tracing::warn!(model = %model.spec.name, "unreadable message; dead-lettering it");
-                reject(delivery).await;
-            }
-        }
+    let model = batch.model;
+    let (held, unreadable) = prepare_claim(&model.spec.name, deliveries);
+    for delivery in unreadable {
+        tracing::warn!(model = %model.spec.name, "unreadable message; dead-lettering it");
+        reject(delivery).await;
     }
-    if by_job.is_empty() {
+    if held.messages.is_empty() {
         return;
     }
-    request.ids = by_job.keys().copied().collect();
-    let span = tracing::info_span!("batch", model = %model.spec.name, size = request.ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
+    let span = tracing::info_span!("batch", model = %model.spec.name, size = held.claim.ids.len(), claimed = tracing::field::Empty, inference_ms = tracing::field::Empty);
     async {
-        // The model's breaker admits the batch before anything is claimed: a batch it
-        // refused would otherwise have spent an attempt (and sent `job.started`) without
-        // running, and a nack toward the delivery limit. Meanwhile its messages are held.
-        if !until_admitted(&model.breaker, batch.shutdown).await {
-            return; // shutting down: the unacked messages go back to the queue
-        }
-        let claim = || store::claim(&context.db, &request, &context.worker_id);
-        let Some(claimed) = until_db_answers(&context.database_breaker, batch.shutdown, "claim", claim).await else {
-            model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
-            return; // shutting down: the unacked messages go back to the queue
+        // A step that ends the batch early (shutdown, nothing to run, a failed publish)
+        // settles what it can; messages left unacked go back to the queue when the
+        // channel closes.
+        let Some((claimed, messages)) = claim(batch, &held.claim, held.messages).await else {
+            return;
         };
-        tracing::Span::current().record("claimed", claimed.len());
-        // Canceled, finished or foreign jobs: nothing to run, only the message to settle.
-        let claimed_ids: HashSet<Uuid> = claimed.iter().map(|job| job.id).collect();
-        let (owned, settled): (Vec<_>, Vec<_>) = by_job.into_iter().partition(|(id, _)| claimed_ids.contains(id));
-        ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
-        if claimed.is_empty() {
-            model.breaker.with(CircuitBreaker::release);
-            return;
-        }
-
-        let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
-            claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
-        let started = Instant::now();
-        let results = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
-        // The model is healthy when nothing failed for a runtime (retryable) reason.
-        let healthy = !results.iter().any(|r| matches!(r, Err(error) if error.retryable));
-        model.breaker.with(|b| b.record(healthy, Instant::now()));
-        let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::Span::current().record("inference_ms", inference_ms);
-        let completions: Vec<Completion> = ids_attempts
-            .into_iter()
-            .zip(results)
-            .map(|((id, attempt), result)| Completion {
-                id,
-                attempt,
-                outcome: decide(batch.retry, result, attempt),
-                trace_id: trace_ids.remove(&id),
-            })
-            .collect();
-        // Retries and dead letters are published (and confirmed) before the commit: a crash
-        // in between leaves the original message unacked, and its redelivery reruns the
-        // job; the extra copy finds the job no longer claimable and is dropped.
-        if let Err(error) = publish_failures(batch, &completions).await {
-            tracing::error!(%error, "cannot publish retries; returning jobs to the queue");
-            requeue_later(owned.into_iter().flat_map(|(_, d)| d)).await;
-            return;
-        }
-        let deliveries = owned.into_iter().flat_map(|(_, d)| d);
-        let record = || store::complete(&context.db, &completions, inference_ms);
-        // On shutdown mid-outage the messages are not acked: their redelivery finds the
-        // jobs still `running` and runs them again.
-        if let Some(written) =
-            until_db_answers(&context.database_breaker, batch.shutdown, "record results", record).await
-        {
-            tracing::debug!(written, "batch recorded");
-            record_outcomes(&model.spec.name, &completions);
-            ack_all(deliveries).await;
-        }
+        let (completions, inference_ms) = run_claimed(batch, claimed, held.trace_ids).await;
+        settle(batch, messages, &completions, inference_ms).await;
     }
     .instrument(span)
     .await;
 }
 
-/// Waits until `breaker` lets a call through (in half-open, this takes a probe slot),
-/// holding whatever the caller holds meanwhile. `false` when shutdown comes first.
-async fn until_admitted(breaker: &SharedBreaker, shutdown: &CancellationToken) -> bool {
-    loop {
-        let wait = breaker.with(|b| {
-            let now = Instant::now();
-            // Refused while half-open: other calls hold every probe slot; theirs decide soon.
-            (!b.try_acquire(now)).then(|| b.retry_after(now).unwrap_or(Duration::from_millis(100)))
-        });
-        let Some(wait) = wait else { return true };
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(wait) => {}
+/// A batch's messages grouped by job, and the claim they make.
+struct Held {
+    /// Each job's messages (more than one when a copy of it came along: redelivered, or
+    /// a retry).
+    messages: HashMap<Uuid, Vec<Delivery>>,
+    /// The trace id each job's message carries.
+    trace_ids: HashMap<Uuid, String>,
+    claim: ClaimRequest,
+}
+
+/// Groups the batch's messages by job and prepares their claim: which jobs, whose message
+/// was redelivered, which retry an attempt. Messages that are not job envelopes of
+/// `model` are returned apart, to be dead-lettered.
+fn prepare_claim(model: &str, deliveries: Vec<Delivery>) -> (Held, Vec<Delivery>) {
+    let mut held = Held {
+        messages: HashMap::with_capacity(deliveries.len()),
+        trace_ids: HashMap::new(),
+        claim: ClaimRequest::new(Vec::new()),
+    };
+    let mut unreadable = Vec::new();
+    for delivery in deliveries {
+        match JobEnvelope::from_bytes(&delivery.data) {
+            Ok(envelope) if envelope.model == model => {
+                if delivery.redelivered {
+                    held.claim.redelivered.push(envelope.job_id);
+                }
+                if let Some(attempt) = envelope.retry_of {
+                    held.claim.retries.push((envelope.job_id, attempt));
+                }
+                if let Some(trace_id) = envelope.trace_id {
+                    held.trace_ids.insert(envelope.job_id, trace_id);
+                }
+                held.messages.entry(envelope.job_id).or_default().push(delivery);
+            }
+            _ => unreadable.push(delivery),
         }
+    }
+    held.claim.ids = held.messages.keys().copied().collect();
+    (held, unreadable)
+}
+
+/// Claims the batch's jobs once the model's breaker admits the batch, and acks the
+/// messages of the jobs not claimed (canceled, finished, or another worker's). Returns
+/// the claimed jobs and their messages; `None` when there is nothing to run, or on
+/// shutdown (the messages are left unacked).
+async fn claim(
+    batch: &BatchContext<'_>,
+    request: &ClaimRequest,
+    messages: HashMap<Uuid, Vec<Delivery>>,
+) -> Option<(Vec<ClaimedJob>, Vec<Delivery>)> {
+    let (context, model) = (batch.worker, batch.model);
+    // The model's breaker admits the batch before anything is claimed: a batch it
+    // refused would otherwise have spent an attempt (and sent `job.started`) without
+    // running, and a nack toward the delivery limit. Meanwhile its messages are held.
+    if !until_admitted(&model.breaker, batch.shutdown).await {
+        return None; // shutting down
+    }
+    let write = || store::claim(&context.db, request, &context.worker_id);
+    let Some(claimed) = until_db_answers(Some(&context.database_breaker), batch.shutdown, "claim", write).await else {
+        model.breaker.with(CircuitBreaker::release); // no call made: a probe slot goes back
+        return None; // shutting down
+    };
+    tracing::Span::current().record("claimed", claimed.len());
+    // Canceled, finished or foreign jobs: nothing to run, only the message to settle.
+    let claimed_ids: HashSet<Uuid> = claimed.iter().map(|job| job.id).collect();
+    let (owned, settled): (Vec<_>, Vec<_>) = messages.into_iter().partition(|(id, _)| claimed_ids.contains(id));
+    ack_all(settled.into_iter().flat_map(|(_, d)| d)).await;
+    if claimed.is_empty() {
+        model.breaker.with(CircuitBreaker::release);
+        return None;
+    }
+    Some((claimed, owned.into_iter().flat_map(|(_, d)| d).collect()))
+}
+
+/// Runs the claimed jobs in one forward, tells the model's breaker how it went, and
+/// decides each job's outcome. Also returns the forward's time in ms (`None` when no
+/// forward finished).
+async fn run_claimed(
+    batch: &BatchContext<'_>,
+    claimed: Vec<ClaimedJob>,
+    mut trace_ids: HashMap<Uuid, String>,
+) -> (Vec<Completion>, Option<f64>) {
+    let (context, model) = (batch.worker, batch.model);
+    let (ids_attempts, inputs): (Vec<(Uuid, i32)>, Vec<_>) =
+        claimed.into_iter().map(|job| ((job.id, job.attempt), job.input)).unzip();
+    let run = run_model(model, inputs, context.fail_marker.as_deref(), context.execution_timeout).await;
+    // The model is healthy when nothing failed for a runtime (retryable) reason.
+    let healthy = !run.results.iter().any(|r| matches!(r, Err(error) if error.retryable));
+    model.breaker.with(|b| b.record(healthy, Instant::now()));
+    let inference_ms = run.forward_time.map(|time| time.as_secs_f64() * 1000.0);
+    if let Some(inference_ms) = inference_ms {
+        tracing::Span::current().record("inference_ms", inference_ms);
+    }
+    let completions = ids_attempts
+        .into_iter()
+        .zip(run.results)
+        .map(|((id, attempt), result)| Completion {
+            id,
+            attempt,
+            outcome: decide(batch.retry, result, attempt),
+            trace_id: trace_ids.remove(&id),
+        })
+        .collect();
+    (completions, inference_ms)
+}
+
+/// Publishes the batch's retries and dead letters, records every result, and only then
+/// acks the batch's messages.
+async fn settle(
+    batch: &BatchContext<'_>,
+    messages: Vec<Delivery>,
+    completions: &[Completion],
+    inference_ms: Option<f64>,
+) {
+    let context = batch.worker;
+    // Retries and dead letters are published (and confirmed) before the commit: a crash
+    // in between leaves the original message unacked, and its redelivery reruns the
+    // job; the extra copy finds the job no longer claimable and is dropped.
+    if let Err(error) = publish_failures(batch, completions).await {
+        tracing::error!(%error, "cannot publish retries; returning jobs to the queue");
+        requeue_later(messages).await;
+        return;
+    }
+    let record = || store::complete(&context.db, completions, inference_ms);
+    // On shutdown mid-outage the messages are not acked: their redelivery finds the
+    // jobs still `running` and runs them again.
+    if let Some(written) =
+        until_db_answers(Some(&context.database_breaker), batch.shutdown, "record results", record).await
+    {
+        tracing::debug!(written, "batch recorded");
+        record_outcomes(&batch.model.spec.name, completions);
+        ack_all(messages).await;
     }
 }
 
-/// Runs a database operation through the PostgreSQL breaker, retrying until it succeeds
-/// and holding the batch's messages unacked meanwhile: an outage pauses this consumer
-/// (its batch slots stay taken, so it takes no more messages) instead of bouncing
-/// messages through the queue until their delivery limit dead-letters them. While the
-/// breaker is open nobody writes; when it half-opens, one probe write decides.
-/// `None` when shutdown comes first.
-async fn until_db_answers<T, F, Fut>(
-    breaker: &SharedBreaker,
-    shutdown: &CancellationToken,
-    what: &str,
-    mut operation: F,
-) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if !until_admitted(breaker, shutdown).await {
-            return None;
-        }
-        match operation().await {
-            Ok(value) => {
-                breaker.with(|b| b.record(true, Instant::now()));
-                return Some(value);
-            }
-            Err(error) => {
-                breaker.with(|b| b.record(false, Instant::now()));
-                tracing::error!(error.cause_chain = ?error, what, retry_in = ?backoff, "database unavailable; holding the batch");
-                metrics::counter!("spool_worker_database_errors_total").increment(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+/// What running one batch produced.
+struct ModelRun {
+    /// One result per input, in order.
+    results: Vec<Result<serde_json::Value, JobError>>,
+    /// How long the forward took on the model thread, without the wait for the thread
+    /// (behind other batches' forwards) before it: what `inference_ms` reports. `None`
+    /// when no forward finished: every input was marked, or it failed or timed out.
+    forward_time: Option<Duration>,
 }
 
 /// Runs the batch; inputs carrying the fault-injection marker fail as a broken model
@@ -371,30 +390,30 @@ async fn run_model(
     inputs: Vec<serde_json::Value>,
     fail_marker: Option<&str>,
     timeout: Duration,
-) -> Vec<Result<serde_json::Value, JobError>> {
+) -> ModelRun {
     let injected = |input: &serde_json::Value| fail_marker.is_some_and(|marker| input.to_string().contains(marker));
     let marked: Vec<bool> = inputs.iter().map(injected).collect();
     let healthy: Vec<serde_json::Value> =
         inputs.into_iter().zip(&marked).filter(|(_, m)| !**m).map(|(i, _)| i).collect();
     let healthy_count = healthy.len();
-    let mut outputs = if healthy.is_empty() {
-        Vec::new()
+    let (outputs, forward_time) = if healthy.is_empty() {
+        (Vec::new(), None)
     } else {
         match tokio::time::timeout(timeout, model.infer(healthy)).await {
-            Ok(Ok(output)) => output.results,
+            Ok(Ok(output)) => (output.results, Some(output.inference_time)),
             Ok(Err(error)) => {
                 tracing::error!(error.cause_chain = ?error, "batch forward failed");
-                vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count]
+                (vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count], None)
             }
             Err(_) => {
                 tracing::error!(?timeout, "batch forward timed out");
                 let message = format!("the forward took longer than {} ms", timeout.as_millis());
-                vec![Err(JobError::retryable("timeout", message)); healthy_count]
+                (vec![Err(JobError::retryable("timeout", message)); healthy_count], None)
             }
         }
-    }
-    .into_iter();
-    marked
+    };
+    let mut outputs = outputs.into_iter();
+    let results = marked
         .into_iter()
         .map(|is_marked| {
             if is_marked {
@@ -403,14 +422,15 @@ async fn run_model(
                 outputs.next().unwrap_or_else(|| Err(JobError::retryable("inference_error", "missing result")))
             }
         })
-        .collect()
+        .collect();
+    ModelRun { results, forward_time }
 }
 
 fn decide(policy: &RetryPolicy, result: Result<serde_json::Value, JobError>, attempt: i32) -> Outcome {
     match result {
         Ok(output) => Outcome::Succeeded(output),
         Err(error) => match policy.decide(&error, attempt.max(1) as u32, rand::random::<f64>()) {
-            RetryDecision::Retry { tier } => Outcome::Retrying { error, tier },
+            RetryDecision::Retry { delay } => Outcome::Retrying { error, delay },
             RetryDecision::DeadLetter => Outcome::DeadLettered(error),
             RetryDecision::Fail => Outcome::Failed(error),
         },
@@ -433,16 +453,13 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
     let mut confirms = Vec::new();
     for completion in completions {
         let (exchange, headers) = match &completion.outcome {
-            Outcome::Retrying { tier, .. } => {
-                let delay = topology.retry_tiers().get(*tier).copied().unwrap_or(Duration::from_secs(1));
-                (topology.retry_exchange(delay), FieldTable::default())
-            }
+            Outcome::Retrying { delay, .. } => (topology.retry_exchange(*delay), FieldTable::default()),
             Outcome::DeadLettered(error) => {
                 let mut headers = FieldTable::default();
-                headers.insert("x-spool-reason".into(), AMQPValue::LongString("max_attempts".into()));
-                headers.insert("x-spool-attempts".into(), AMQPValue::LongInt(completion.attempt));
-                headers.insert("x-spool-error-code".into(), AMQPValue::LongString(error.code.as_str().into()));
-                headers.insert("x-spool-error".into(), AMQPValue::LongString(error.message.as_str().into()));
+                headers.insert(amqp::headers::REASON.into(), AMQPValue::LongString("max_attempts".into()));
+                headers.insert(amqp::headers::ATTEMPTS.into(), AMQPValue::LongInt(completion.attempt));
+                headers.insert(amqp::headers::ERROR_CODE.into(), AMQPValue::LongString(error.code.as_str().into()));
+                headers.insert(amqp::headers::ERROR.into(), AMQPValue::LongString(error.message.as_str().into()));
                 (topology.dead_exchange(), headers)
             }
             _ => continue,
@@ -453,10 +470,7 @@ async fn publish_failures(batch: &BatchContext<'_>, completions: &[Completion]) 
             // by the time it comes back (see `store::ClaimRequest::retries`).
             envelope = envelope.retrying(completion.attempt);
         }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_headers(headers);
+        let properties = envelope.properties().with_headers(headers);
         let confirm = batch
             .publisher
             .basic_publish(
@@ -500,7 +514,7 @@ fn record_outcomes(model: &str, completions: &[Completion]) {
     }
 }
 
-async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
+async fn ack_all(deliveries: impl IntoIterator<Item = Delivery>) {
     for delivery in deliveries {
         if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
             // The broker will redeliver it; the conditional writes make that harmless.
@@ -509,8 +523,11 @@ async fn ack_all(deliveries: impl Iterator<Item = Delivery>) {
     }
 }
 
-async fn requeue_later(deliveries: impl Iterator<Item = Delivery>) {
-    // A short pause so that a database outage does not turn into a hot redelivery loop.
+/// Returns a batch's messages to their queue when its retries and dead letters could not
+/// be published, after a short pause (holding the batch's slot): a broker that keeps
+/// refusing them must not become a hot loop of redeliveries. Each return counts toward
+/// the queue's delivery limit.
+async fn requeue_later(deliveries: impl IntoIterator<Item = Delivery>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for delivery in deliveries {
         let options = BasicNackOptions { requeue: true, ..Default::default() };
@@ -524,5 +541,66 @@ async fn reject(delivery: Delivery) {
     let options = BasicNackOptions { requeue: false, ..Default::default() };
     if let Err(error) = delivery.nack(options).await {
         tracing::warn!(%error, "nack failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use spool_shared::breaker::BreakerSettings;
+    use spool_shared::manifest::Manifest;
+
+    use super::*;
+    use crate::engine::{Engine, EngineError, ItemResult};
+
+    /// Takes `self.0` for every forward, and echoes its inputs.
+    struct Slow(Duration);
+
+    impl Engine for Slow {
+        fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
+            std::thread::sleep(self.0);
+            Ok(inputs.iter().cloned().map(Ok).collect())
+        }
+
+        fn sample_input(&self) -> Value {
+            json!("warm")
+        }
+    }
+
+    async fn slow_model(forward: Duration, batches_in_flight: usize) -> ModelHandle {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let spec = Manifest::load(&models).expect("the manifest loads").models.into_iter().next().expect("a model");
+        let settings = BreakerSettings::default();
+        ModelHandle::start_with(spec, tch::Device::Cpu, settings, batches_in_flight, move || {
+            Ok(Box::new(Slow(forward)))
+        })
+        .await
+        .expect("the model starts")
+    }
+
+    #[tokio::test]
+    async fn inference_time_is_the_forward_alone_not_the_wait_for_the_model_thread() {
+        const FORWARD: Duration = Duration::from_millis(40);
+        let model = slow_model(FORWARD, 3).await;
+        let started = Instant::now();
+        let run = || run_model(&model, vec![json!(1)], None, Duration::from_secs(30));
+        let runs = futures::future::join3(run(), run(), run()).await;
+        let wall = started.elapsed();
+        let forwards: Vec<Duration> =
+            [runs.0, runs.1, runs.2].into_iter().map(|run| run.forward_time.expect("each forward finished")).collect();
+        assert!(forwards.iter().all(|forward| *forward >= FORWARD), "{forwards:?}");
+        // The three forwards ran one after another on the model thread, so their own
+        // times fit in the wall time. Times that counted the wait for the thread would
+        // not: the last batch alone would have taken about the whole of it.
+        let total: Duration = forwards.iter().sum();
+        assert!(total <= wall, "forwards {forwards:?} add up to more than the {wall:?} they all took");
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_a_finished_forward_has_no_inference_time() {
+        let model = slow_model(Duration::ZERO, 1).await;
+        let run = run_model(&model, vec![json!("fail here")], Some("fail here"), Duration::from_secs(30)).await;
+        assert!(run.forward_time.is_none(), "every input failed before the forward");
+        assert!(matches!(&run.results[..], [Err(error)] if error.code == "injected_fault"));
     }
 }

@@ -1,12 +1,10 @@
 //! The dead-letter sink: every worker also consumes `spool.dead`, so that a job whose
 //! message was dead-lettered *by the broker* (it hit `x-delivery-limit`, e.g. because it
 //! kept killing its worker) is recorded as `failed` + `dead_lettered` instead of staying
-//! `running` forever. Dead letters a worker published itself (`x-spool-reason`) are left
+//! `running` forever. Dead letters a worker published itself ([`headers::REASON`]) are left
 //! to that worker, which records the job's real error right after the publish confirm;
 //! recording them here too would race it. PostgreSQL is the record operators work from
 //! (`/v1/admin/dead-letters`), so the queue is drained once a message is recorded.
-
-use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::Connection;
@@ -15,9 +13,11 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::json;
-use spool_shared::amqp::{JobEnvelope, Topology};
+use spool_shared::amqp::{JobEnvelope, Topology, headers};
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
 use tokio_util::sync::CancellationToken;
+
+use crate::outage::until_db_answers;
 
 /// Consumes the dead-letter queue until shutdown or until the connection drops.
 pub async fn drain(
@@ -60,7 +60,7 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     };
-    if header(delivery, "x-spool-reason").is_some() {
+    if header(delivery, headers::REASON).is_some() {
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     }
@@ -84,20 +84,9 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
     );
     // Ack only once recorded. A message neither acked nor nacked would sit on this
     // channel until the connection closes, its job unrecorded.
-    let mut backoff = Duration::from_millis(100);
-    let rows = loop {
-        match db.query_all_raw(statement.clone()).await {
-            Ok(rows) => break rows,
-            Err(error) => {
-                tracing::error!(error.cause_chain = ?error, retry_in = ?backoff, "cannot record a dead letter; retrying");
-                metrics::counter!("spool_worker_database_errors_total").increment(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let write = || db.query_all_raw(statement.clone());
+    let Some(rows) = until_db_answers(None, shutdown, "record a dead letter", write).await else {
+        return; // shutting down: the message goes back to the queue
     };
     if !rows.is_empty() {
         tracing::warn!(job_id = %envelope.job_id, %reason, "job dead-lettered by the broker");
@@ -107,7 +96,7 @@ async fn record(db: &DatabaseConnection, delivery: &Delivery, shutdown: &Cancell
     let _ = delivery.ack(BasicAckOptions::default()).await;
 }
 
-/// A string header such as `x-spool-reason`.
+/// A string header such as [`headers::REASON`].
 fn header(delivery: &Delivery, name: &str) -> Option<String> {
     delivery.properties.headers().as_ref()?.inner().get(name).and_then(text)
 }

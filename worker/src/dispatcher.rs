@@ -339,11 +339,11 @@ impl Dispatcher {
     /// Records the attempt: delivered, retried later, or failed for good.
     async fn finish(&self, due: &Due, attempt: Attempt) {
         let (status, next) = match &attempt.verdict {
-            Verdict::Delivered => ("succeeded", None),
-            Verdict::Gone => ("failed", None),
+            Verdict::Delivered => (DeliveryStatus::Succeeded, None),
+            Verdict::Gone => (DeliveryStatus::Failed, None),
             Verdict::Retry { after } => match next_delay(&self.settings.retry_schedule_secs, due.attempts, *after) {
-                Some(delay) => ("pending", Some(delay)),
-                None => ("failed", None),
+                Some(delay) => (DeliveryStatus::Pending, Some(delay)),
+                None => (DeliveryStatus::Failed, None),
             },
         };
         let disable = attempt.verdict == Verdict::Gone;
@@ -369,7 +369,7 @@ impl Dispatcher {
             [
                 due.id.into(),
                 due.attempts.into(),
-                status.into(),
+                status.as_str().into(),
                 next.map(|d| d.as_secs_f64()).into(),
                 attempt.status_code.map(i32::from).into(),
                 attempt.error.clone().into(),
@@ -382,11 +382,11 @@ impl Dispatcher {
             tracing::error!(error.cause_chain = ?error, delivery_id = %due.id, "cannot record a webhook attempt");
         }
         match status {
-            "succeeded" => tracing::debug!(delivery_id = %due.id, "webhook delivered"),
-            "failed" => {
+            DeliveryStatus::Succeeded => tracing::debug!(delivery_id = %due.id, "webhook delivered"),
+            DeliveryStatus::Failed => {
                 tracing::warn!(delivery_id = %due.id, attempts = due.attempts, ?attempt.status_code, "webhook delivery failed for good")
             }
-            _ => {
+            DeliveryStatus::Pending => {
                 tracing::info!(delivery_id = %due.id, attempts = due.attempts, ?attempt.status_code, error = ?attempt.error, "webhook delivery will be retried")
             }
         }
@@ -395,7 +395,9 @@ impl Dispatcher {
         }
     }
 
-    /// Puts a delivery back untried (its destination's breaker is open).
+    /// Puts a delivery back untried, due again after `wait`, and gives back the attempt
+    /// its lease counted: its destination's breaker is open, it waited too long for a
+    /// slot to its host, or the half-open breaker's probe slots are all taken.
     async fn defer(&self, due: &Due, wait: Duration) {
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -406,6 +408,26 @@ impl Dispatcher {
         );
         if let Err(error) = self.db.execute_raw(statement).await {
             tracing::error!(error.cause_chain = ?error, delivery_id = %due.id, "cannot defer a webhook delivery");
+        }
+    }
+}
+
+/// A delivery's `status` after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliveryStatus {
+    Succeeded,
+    /// Due again later, on the schedule or when the receiver asked.
+    Pending,
+    /// For good: the schedule is used up, or the receiver answered 410 Gone.
+    Failed,
+}
+
+impl DeliveryStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Pending => "pending",
+            Self::Failed => "failed",
         }
     }
 }

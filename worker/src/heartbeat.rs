@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use secrecy::ExposeSecret;
-use serde_json::json;
 use spool_shared::Settings;
 use spool_shared::breaker::{BreakerState, SharedBreaker};
+use spool_shared::heartbeat::{Heartbeat, MISSED_BEATS_BEFORE_GONE, ModelBeat};
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::ModelHandle;
@@ -20,6 +20,11 @@ fn level(state: BreakerState) -> f64 {
         BreakerState::HalfOpen => 1.0,
         BreakerState::Open => 2.0,
     }
+}
+
+/// A breaker window's count (a few dozen calls) as the heartbeat carries it.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Key of a worker's heartbeat (`<redis_prefix>:worker:<id>`).
@@ -38,7 +43,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(settings.worker.heartbeat_interval_ms.max(100));
-    let ttl_ms = (interval * 5).as_millis() as u64;
+    let ttl_ms = (interval * MISSED_BEATS_BEFORE_GONE).as_millis() as u64;
     let key = key(&settings.redis_prefix, &worker_id);
     let started_at = Utc::now();
     let client = match redis::Client::open(settings.redis_url.expose_secret()) {
@@ -50,20 +55,26 @@ pub async fn run(
     };
     let mut connection = None;
     loop {
-        let breakers: serde_json::Map<String, serde_json::Value> = models
+        let beats = models
             .iter()
             .map(|m| {
-                let (state, (calls, failures)) = m.breaker.with(|b| (b.state(Instant::now()), b.recent()));
-                metrics::gauge!("spool_worker_breaker_state", "breaker" => m.spec.name.clone()).set(level(state));
-                (m.spec.name.clone(), json!({"breaker": state.as_str(), "calls": calls, "failures": failures}))
+                let (breaker, (calls, failures)) = m.breaker.with(|b| (b.state(Instant::now()), b.recent()));
+                metrics::gauge!("spool_worker_breaker_state", "breaker" => m.spec.name.clone()).set(level(breaker));
+                let (calls, failures) = (count(calls), count(failures));
+                (m.spec.name.clone(), ModelBeat { breaker, calls, failures })
             })
             .collect();
         let database = database_breaker.state();
         metrics::gauge!("spool_worker_breaker_state", "breaker" => "postgres").set(level(database));
-        let beat = json!({
-            "worker_id": worker_id, "device": device, "models": breakers, "database": database.as_str(),
-            "started_at": started_at, "seen_at": Utc::now(),
-        });
+        let beat = Heartbeat {
+            worker_id: worker_id.clone(),
+            device: device.clone(),
+            models: beats,
+            database: Some(database),
+            started_at,
+            seen_at: Utc::now(),
+        };
+        let beat = serde_json::to_string(&beat).expect("a heartbeat always serializes. This is a bug.");
         if connection.is_none() {
             connection = tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection())
                 .await
@@ -72,7 +83,7 @@ pub async fn run(
         }
         if let Some(conn) = connection.as_mut() {
             let mut command = redis::cmd("SET");
-            command.arg(&key).arg(beat.to_string()).arg("PX").arg(ttl_ms);
+            command.arg(&key).arg(beat).arg("PX").arg(ttl_ms);
             let written = tokio::time::timeout(Duration::from_secs(1), command.query_async::<()>(conn)).await;
             let failure = match written {
                 Ok(Ok(())) => None,

@@ -9,6 +9,7 @@ pub mod device;
 pub mod dispatcher;
 pub mod engine;
 pub mod heartbeat;
+pub mod outage;
 pub mod runtime;
 pub mod store;
 
@@ -20,6 +21,7 @@ use spool_shared::amqp::{self, Topology};
 use spool_shared::breaker::SharedBreaker;
 use spool_shared::manifest::Manifest;
 use spool_shared::retry::RetryPolicy;
+use spool_shared::shutdown::wait_for_signal;
 use spool_shared::{Settings, db};
 use tokio_util::sync::CancellationToken;
 
@@ -43,10 +45,11 @@ impl Application {
         let device = device::select(&settings.worker.device)?;
         // Process-wide; each model thread picks it up at its first forward.
         tch::set_num_threads(settings.worker.cpu_threads.clamp(1, 256) as i32);
+        let batches_in_flight = settings.worker.batches_in_flight.max(1);
         let mut models = Vec::with_capacity(wanted.len());
         for name in &wanted {
             let spec = manifest.get(name).with_context(|| format!("model {name:?} is not in the manifest"))?;
-            let handle = ModelHandle::start(spec.clone(), device, settings.worker.model_breaker)
+            let handle = ModelHandle::start(spec.clone(), device, settings.worker.model_breaker, batches_in_flight)
                 .await
                 .with_context(|| format!("starting model {name}"))?;
             models.push(handle);
@@ -59,7 +62,7 @@ impl Application {
             db,
             topology,
             worker_id,
-            batches_in_flight: settings.worker.batches_in_flight.max(1),
+            batches_in_flight,
             fail_marker: settings.worker.fail_marker.clone(),
             execution_timeout: Duration::from_millis(settings.worker.execution_timeout_ms.max(1)),
             database_breaker: SharedBreaker::new(settings.worker.database_breaker),
@@ -154,8 +157,9 @@ impl Application {
                 max_delay: Duration::from_millis(
                     settings.worker.max_batch_delay_ms.unwrap_or(model.spec.max_batch_delay_ms),
                 ),
+                // The tiers the topology declared: every delay the policy picks has its exchange.
                 retry: RetryPolicy::new(
-                    settings.amqp.retry_tiers(),
+                    context.topology.retry_tiers().to_vec(),
                     model.spec.max_attempts.unwrap_or(settings.worker.max_attempts),
                 ),
             };
@@ -198,22 +202,6 @@ fn default_worker_id() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Creates the counters operators alert on at zero, so each series exists (and a rule on

@@ -45,23 +45,31 @@ pub struct ModelHandle {
 
 impl ModelHandle {
     /// Starts the model's thread, loads the model there and runs one warm-up forward.
-    /// Returns once the model is ready (or failed to load).
-    pub async fn start(spec: ModelSpec, device: Device, breaker: BreakerSettings) -> Result<Self, RuntimeError> {
-        let load_spec = spec.clone();
-        Self::start_with(spec, device, breaker, move || engine::load(&load_spec, device)).await
-    }
-
-    /// [`Self::start`] with the engine made by `load` on the model's thread.
-    async fn start_with(
+    /// Returns once the model is ready (or failed to load). `batches_in_flight`: how many
+    /// batches its consumer runs at once (each waits for its forward before sending more).
+    pub async fn start(
         spec: ModelSpec,
         device: Device,
         breaker: BreakerSettings,
+        batches_in_flight: usize,
+    ) -> Result<Self, RuntimeError> {
+        let load_spec = spec.clone();
+        Self::start_with(spec, device, breaker, batches_in_flight, move || engine::load(&load_spec, device)).await
+    }
+
+    /// [`Self::start`] with the engine made by `load` on the model's thread.
+    pub(crate) async fn start_with(
+        spec: ModelSpec,
+        device: Device,
+        breaker: BreakerSettings,
+        batches_in_flight: usize,
         load: impl FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
     ) -> Result<Self, RuntimeError> {
         let spec = Arc::new(spec);
-        // Room for the batches in flight; a full channel makes senders wait, which is the
-        // back-pressure we want.
-        let (commands, receiver) = mpsc::sync_channel::<Command>(4);
+        // Room for one command per batch in flight, so a batch never waits to send its
+        // own. A full channel means forwards that timed out still hold the thread (their
+        // commands stay queued): then senders wait, the back-pressure we want.
+        let (commands, receiver) = mpsc::sync_channel::<Command>(batches_in_flight.max(1));
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_spec = Arc::clone(&spec);
         std::thread::Builder::new()
@@ -171,7 +179,7 @@ mod tests {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
         let manifest = spool_shared::manifest::Manifest::load(&models).expect("the manifest loads");
         let spec = manifest.models.into_iter().next().expect("a model");
-        let handle = ModelHandle::start_with(spec, Device::Cpu, BreakerSettings::default(), || Ok(Box::new(Echo)))
+        let handle = ModelHandle::start_with(spec, Device::Cpu, BreakerSettings::default(), 2, || Ok(Box::new(Echo)))
             .await
             .expect("the model starts");
         let failed = handle.infer(vec![json!("panic")]).await;

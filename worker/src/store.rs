@@ -2,6 +2,8 @@
 //! one statement. Both transitions are conditional, so a redelivered message can never
 //! complete a job twice.
 
+use std::time::Duration;
+
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use serde_json::{Value, json};
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
@@ -24,10 +26,10 @@ pub enum Outcome {
     Failed(JobError),
     /// Final: retryable but out of attempts.
     DeadLettered(JobError),
-    /// Back to `queued`; its message waits in retry tier `tier`.
+    /// Back to `queued`; its message waits `delay` in the retry tier of that delay.
     Retrying {
         error: JobError,
-        tier: usize,
+        delay: Duration,
     },
 }
 
@@ -148,8 +150,14 @@ pub async fn claim(db: &DatabaseConnection, request: &ClaimRequest, worker_id: &
 /// to `queued`), the attempt history, the owners' usage counters, and a notice on
 /// [`JOB_DONE_CHANNEL`] for each finished job (delivered at commit). Rows whose job was
 /// canceled, or whose attempt was taken over by another worker, are left alone.
+/// `inference_ms` is the batch's forward time, each job's `inference_ms`; `None` (no
+/// forward finished) writes NULL there and adds nothing to usage.
 /// Returns how many jobs were written.
-pub async fn complete(db: &DatabaseConnection, completions: &[Completion], inference_ms: f64) -> Result<u64, DbErr> {
+pub async fn complete(
+    db: &DatabaseConnection,
+    completions: &[Completion],
+    inference_ms: Option<f64>,
+) -> Result<u64, DbErr> {
     let rows: Vec<Value> = completions.iter().map(Completion::row).collect();
     let statement = Statement::from_sql_and_values(
         DbBackend::Postgres,
@@ -176,7 +184,7 @@ pub async fn complete(db: &DatabaseConnection, completions: &[Completion], infer
                SELECT owner_id, model,
                       count(*) FILTER (WHERE status = 'succeeded'),
                       count(*) FILTER (WHERE status = 'failed'),
-                      $2 / $3 * count(*) -- each job's share of its batch's forward
+                      COALESCE($2, 0) / $3 * count(*) -- each job's share of its batch's forward
                  FROM done WHERE status <> 'queued' GROUP BY owner_id, model
                 ORDER BY owner_id, model -- one lock order for every batch: no deadlocks
                ON CONFLICT (user_id, model, shard) DO UPDATE

@@ -5,6 +5,7 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
+use spool_shared::breaker::BreakerState;
 use uuid::Uuid;
 
 use super::ApiTags;
@@ -197,8 +198,8 @@ impl AdminApi {
             .map(|w| Worker {
                 worker_id: w.worker_id,
                 device: w.device,
-                breakers: w.models.into_iter().map(|(name, m)| (name, m.breaker)).collect(),
-                database_breaker: w.database,
+                breakers: w.models.into_iter().map(|(name, m)| (name, m.breaker.as_str().to_owned())).collect(),
+                database_breaker: w.database.map(|state| state.as_str().to_owned()),
                 started_at: w.started_at,
                 seen_at: w.seen_at,
             })
@@ -217,13 +218,13 @@ impl AdminApi {
             .into_iter()
             .map(|model| {
                 let beats: Vec<_> = workers.iter().filter_map(|w| w.models.get(&model)).collect();
-                let count = |s: &str| beats.iter().filter(|m| m.breaker == s).count() as u32;
+                let count = |state: BreakerState| beats.iter().filter(|m| m.breaker == state).count() as u32;
                 let health = state.workers.health(&model, &workers);
                 ModelBreakers {
                     workers: beats.len() as u32,
-                    closed: count("closed"),
-                    half_open: count("half_open"),
-                    open: count("open"),
+                    closed: count(BreakerState::Closed),
+                    half_open: count(BreakerState::HalfOpen),
+                    open: count(BreakerState::Open),
                     recent_calls: beats.iter().map(|m| m.calls).sum(),
                     recent_failures: beats.iter().map(|m| m.failures).sum(),
                     health: health.as_str().into(),

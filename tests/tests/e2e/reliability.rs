@@ -87,7 +87,7 @@ async fn a_job_whose_worker_crashed_completes_exactly_once() {
         outcome: Outcome::Succeeded(json!({"label": 9, "probabilities": []})),
         trace_id: None,
     };
-    assert_eq!(store::complete(&app.db, &[stale], 1.0).await.unwrap(), 0);
+    assert_eq!(store::complete(&app.db, &[stale], Some(1.0)).await.unwrap(), 0);
     let job: Value = app.get_job(&id.to_string()).await.json().await.unwrap();
     assert_eq!(job["output"], output);
     assert_eq!(job["attempts"], 2);
@@ -162,10 +162,13 @@ async fn a_retry_that_overtakes_its_attempts_late_write_takes_the_job_over() {
     let late = Completion {
         id,
         attempt: 1,
-        outcome: Outcome::Retrying { error: JobError::retryable("injected_fault", "attempt 1 failed"), tier: 0 },
+        outcome: Outcome::Retrying {
+            error: JobError::retryable("injected_fault", "attempt 1 failed"),
+            delay: Duration::from_millis(500),
+        },
         trace_id: None,
     };
-    assert_eq!(store::complete(&app.db, &[late], 1.0).await.unwrap(), 0, "the late write matches nothing");
+    assert_eq!(store::complete(&app.db, &[late], Some(1.0)).await.unwrap(), 0, "the late write matches nothing");
     let (status, attempts, log) = status_attempts_and_log(&app, id).await;
     assert_eq!((status.as_str(), attempts), ("running", 2));
     assert_eq!(log.as_array().map(Vec::len), Some(1), "the replaced attempt is logged: {log}");

@@ -2,6 +2,7 @@
 //! beside the workers; several may run at once.
 
 use anyhow::Context;
+use spool_shared::shutdown::wait_for_signal;
 use spool_shared::{Settings, db, telemetry};
 use spool_worker::dispatcher::Dispatcher;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        spool_worker::wait_for_signal().await;
+        wait_for_signal().await;
         tracing::info!("shutdown requested; finishing deliveries in flight");
         trigger.cancel();
     });
