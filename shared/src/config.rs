@@ -237,8 +237,9 @@ pub struct WorkerSettings {
     pub max_batch_size: Option<usize>,
     /// Overrides the manifest's `max_batch_delay_ms` for every model (benchmarks).
     pub max_batch_delay_ms: Option<u64>,
-    /// Longest a batch's forward may take; past it the batch's jobs fail with a
-    /// retryable `timeout` (libtorch cannot be interrupted: the late result is dropped).
+    /// Longest a batch may take on its model thread, the wait behind the batches ahead of
+    /// it included; past it the batch's jobs fail with a retryable `timeout` (libtorch
+    /// cannot be interrupted: the late result is dropped).
     pub execution_timeout_ms: u64,
     /// Attempts a job gets before a retryable failure dead-letters it (a model's
     /// `max_attempts` in the manifest overrides it).

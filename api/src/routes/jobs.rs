@@ -88,7 +88,8 @@ pub struct Job {
     /// Milliseconds between submission and the start of the last attempt.
     #[oai(nullable)]
     pub queue_ms: Option<f64>,
-    /// Milliseconds the model took for the batch this job ran in.
+    /// Milliseconds the model took for the batch this job ran in; null until it has run,
+    /// or when its last attempt's forward failed or timed out.
     #[oai(nullable)]
     pub inference_ms: Option<f64>,
     /// How many jobs shared the forward pass.
