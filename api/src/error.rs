@@ -76,8 +76,6 @@ pub enum ApiError {
     NotOperator,
     #[error("verify your email address first")]
     EmailNotVerified,
-    #[error("an account with this email already exists")]
-    EmailTaken,
     #[error("too many requests; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("too many failed logins; retry in {retry_after_secs} s")]
@@ -222,11 +220,9 @@ impl ApiError {
             Self::InvalidInput(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidRequest(_) | Self::InvalidBody { .. } | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::JobNotFound => StatusCode::NOT_FOUND,
-            Self::IdempotencyConflict
-            | Self::NotCancelable(_)
-            | Self::EmailTaken
-            | Self::WebhookDisabled
-            | Self::LimitReached { .. } => StatusCode::CONFLICT,
+            Self::IdempotencyConflict | Self::NotCancelable(_) | Self::WebhookDisabled | Self::LimitReached { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::Unauthorized(_) | Self::BadCredentials => StatusCode::UNAUTHORIZED,
             Self::MissingScope(_) | Self::NotOperator | Self::EmailNotVerified => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::LoginLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -252,7 +248,6 @@ impl ApiError {
             Self::Unauthorized(failure) => failure.code(),
             Self::MissingScope(_) | Self::NotOperator => "insufficient_scope",
             Self::EmailNotVerified => "email_not_verified",
-            Self::EmailTaken => "email_taken",
             Self::RateLimited { .. } => "rate_limited",
             Self::LoginLocked { .. } => "login_locked",
             Self::BadCredentials => "invalid_credentials",

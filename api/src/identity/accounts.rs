@@ -42,9 +42,13 @@ impl Email {
     }
 }
 
-pub async fn register(state: &AppState, email: Email, password: NewPassword) -> Result<users::Model, ApiError> {
+/// Creates an unverified account and mails its verification token. The answer is the
+/// same when the address already has an account (which is left as it is): its owner gets
+/// a mail instead, so registering tells nobody who has an account. The password is hashed
+/// either way, so the time taken does not tell either.
+pub async fn register(state: &AppState, email: Email, password: NewPassword) -> Result<(), ApiError> {
     let hash = passwords::hash(password).await?;
-    let user = users::Entity::find()
+    let created = users::Entity::find()
         .from_raw_sql(Statement::from_sql_and_values(
             DbBackend::Postgres,
             r#"INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)
@@ -52,10 +56,17 @@ pub async fn register(state: &AppState, email: Email, password: NewPassword) -> 
             [Uuid::now_v7().into(), email.as_str().into(), hash.into()],
         ))
         .one(&state.db)
-        .await?
-        .ok_or(ApiError::EmailTaken)?;
-    send_account_mail(state, user.clone(), AccountMail::Verification);
-    Ok(user)
+        .await?;
+    match created {
+        Some(user) => send_account_mail(state, user, AccountMail::Verification),
+        None => match find_by_email(&state.db, &email).await? {
+            // Registered, never verified: the new mail is what its owner was after.
+            Some(user) if user.email_verified_at.is_none() => send_account_mail(state, user, AccountMail::Verification),
+            Some(user) => send_account_mail(state, user, AccountMail::AlreadyRegistered),
+            None => {} // deleted in between: nothing to tell
+        },
+    }
+    Ok(())
 }
 
 /// Creates an account that is already verified (operators, development users).
@@ -98,11 +109,13 @@ async fn issue_email_token(
     Ok(secret)
 }
 
-/// The mails that carry a single-use token.
+/// The mails about an account.
 #[derive(Clone, Copy)]
 enum AccountMail {
     Verification,
     PasswordReset,
+    /// Someone registered an address that has a verified account (no token).
+    AlreadyRegistered,
 }
 
 /// Issues the mail's token and sends it, in the background: an answer that waited for
@@ -111,21 +124,24 @@ enum AccountMail {
 fn send_account_mail(state: &AppState, user: users::Model, mail: AccountMail) {
     let state = state.clone();
     tokio::spawn(async move {
-        let (purpose, ttl) = match mail {
-            AccountMail::Verification => ("verify_email", VERIFY_EMAIL_TTL),
-            AccountMail::PasswordReset => ("reset_password", RESET_PASSWORD_TTL),
-        };
+        let mailer = &state.mailer;
         let result = async {
-            let token = issue_email_token(&state.db, user.id, purpose, ttl).await?;
             let sent = match mail {
-                AccountMail::Verification => state.mailer.send_verification(&user.email, &token).await,
-                AccountMail::PasswordReset => state.mailer.send_password_reset(&user.email, &token).await,
+                AccountMail::Verification => {
+                    let token = issue_email_token(&state.db, user.id, "verify_email", VERIFY_EMAIL_TTL).await?;
+                    mailer.send_verification(&user.email, &token).await
+                }
+                AccountMail::PasswordReset => {
+                    let token = issue_email_token(&state.db, user.id, "reset_password", RESET_PASSWORD_TTL).await?;
+                    mailer.send_password_reset(&user.email, &token).await
+                }
+                AccountMail::AlreadyRegistered => mailer.send_already_registered(&user.email).await,
             };
             sent.map_err(|e| ApiError::Unexpected(e.into()))
         }
         .await;
         if let Err(error) = result {
-            tracing::error!(user_id = %user.id, purpose, error.cause_chain = ?error, "cannot send an account mail");
+            tracing::error!(user_id = %user.id, error.cause_chain = ?error, "cannot send an account mail");
         }
     });
 }

@@ -1,4 +1,5 @@
-//! Account mails (verification, password reset) over SMTP with lettre.
+//! Account mails (verification, password reset, a second registration) over SMTP with
+//! lettre.
 
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -57,6 +58,18 @@ impl Mailer {
             base = self.base_url
         );
         self.send(to, "Reset your Spool password", body).await
+    }
+
+    pub async fn send_already_registered(&self, to: &str) -> Result<(), MailError> {
+        let body = format!(
+            "Someone tried to create a Spool account with this address, which already\n\
+             has one. If it was you, sign in with your password, or ask for a reset:\n\n    \
+             curl -X POST {base}/v1/auth/password/forgot \\\n      \
+             -H 'Content-Type: application/json' \\\n      -d '{{\"email\": \"{to}\"}}'\n\n\
+             If it was not you, ignore this mail: nothing was changed.\n",
+            base = self.base_url
+        );
+        self.send(to, "You already have a Spool account", body).await
     }
 
     /// Lines stay under 76 characters (with the default base URL), so the mail goes as

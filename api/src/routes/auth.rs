@@ -81,13 +81,6 @@ pub struct ResetRequest {
 }
 
 #[derive(ApiResponse)]
-pub enum RegisterResponse {
-    /// Created; a verification mail is on its way.
-    #[oai(status = 201)]
-    Created(Json<Account>),
-}
-
-#[derive(ApiResponse)]
 pub enum AcceptedResponse {
     /// Accepted. (Said whether or not the address has an account.)
     #[oai(status = 202)]
@@ -112,18 +105,20 @@ pub struct AuthApi;
 impl AuthApi {
     /// Create an account
     ///
-    /// Sends a verification mail. Unverified accounts can sign in but cannot create API
-    /// tokens (and so cannot submit jobs).
+    /// Sends a verification mail. The answer is the same `202` when the address already
+    /// has an account: its owner is told by mail instead, and the account is unchanged.
+    /// Unverified accounts can sign in but cannot create API tokens (and so cannot submit
+    /// jobs).
     #[oai(path = "/register", method = "post", operation_id = "register")]
     async fn register(
         &self,
         state: Data<&AppState>,
         body: JsonBody<RegisterRequest>,
-    ) -> Result<RegisterResponse, ApiError> {
+    ) -> Result<AcceptedResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let password = NewPassword::parse(body.0.password)?;
-        let user = accounts::register(&state, email, password).await?;
-        Ok(RegisterResponse::Created(Json(user.into())))
+        accounts::register(&state, email, password).await?;
+        Ok(AcceptedResponse::Accepted)
     }
 
     /// Verify an email address with the token from the mail

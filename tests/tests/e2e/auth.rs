@@ -51,13 +51,7 @@ async fn register_verify_login_create_token_submit_revoke() {
 
     let created =
         post(&app, "/v1/auth/register", None, json!({"email": email.to_uppercase(), "password": password})).await;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let account: Value = created.json().await.unwrap();
-    assert_eq!(account["email"], email.as_str());
-    assert_eq!(account["email_verified"], false);
-    assert!(account.get("password").is_none() && account.get("password_hash").is_none());
-    let again = post(&app, "/v1/auth/register", None, json!({"email": email, "password": password})).await;
-    assert_eq!(problem(again).await, (StatusCode::CONFLICT, "email_taken".into()));
+    assert_eq!(created.status(), StatusCode::ACCEPTED);
 
     // Unverified: can sign in, cannot create API tokens.
     let session = login(&app, &email, password).await;
@@ -76,7 +70,8 @@ async fn register_verify_login_create_token_submit_revoke() {
     assert_eq!(problem(reused).await, (StatusCode::BAD_REQUEST, "invalid_email_token".into()));
 
     let me: Value = get(&app, "/v1/me", &session).await.json().await.unwrap();
-    assert_eq!(me["email_verified"], true);
+    assert_eq!((me["email"].as_str(), &me["email_verified"]), (Some(email.as_str()), &json!(true)));
+    assert!(me.get("password").is_none() && me.get("password_hash").is_none());
 
     let created = post(&app, "/v1/tokens", Some(&session), token_request).await;
     assert_eq!(created.status(), StatusCode::CREATED);
@@ -201,13 +196,47 @@ async fn bad_tokens_get_distinct_401s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_an_address_again_tells_only_its_owner_and_changes_nothing() {
+    let app = spawn_app_with(no_worker()).await;
+    let email = new_email();
+    let (password, other) = ("violet-lantern-harbor", "crimson-otter-lagoon");
+    let register =
+        |password: &'static str| post(&app, "/v1/auth/register", None, json!({"email": email, "password": password}));
+    assert_eq!(register(password).await.status(), StatusCode::ACCEPTED);
+    let first = wait_for_mail(&email, 0).await;
+    assert!(first.contains("Confirm your Spool account"), "{first}");
+
+    // Not verified yet: a second registration sends another verification mail.
+    let again = register(other).await;
+    assert_eq!((again.status(), again.bytes().await.unwrap().len()), (StatusCode::ACCEPTED, 0));
+    let second = wait_for_mail(&email, 1).await;
+    assert!(second.contains("Confirm your Spool account"), "{second}");
+    let verified = post(&app, "/v1/auth/verify-email", None, json!({"token": token_in_mail(&second)})).await;
+    assert_eq!(verified.status(), StatusCode::NO_CONTENT);
+
+    // Verified: the same answer, and a mail to the owner saying so.
+    assert_eq!(register(other).await.status(), StatusCode::ACCEPTED);
+    let third = wait_for_mail(&email, 2).await;
+    assert!(
+        third.contains("You already have a Spool account") && third.contains("/v1/auth/password/forgot"),
+        "{third}"
+    );
+    // Neither registration changed the password.
+    assert_eq!(
+        problem(login(&app, &email, other).await).await,
+        (StatusCode::UNAUTHORIZED, "invalid_credentials".into())
+    );
+    assert_eq!(login(&app, &email, password).await.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_reset_signs_out_every_session_without_revealing_accounts() {
     let app = spawn_app_with(no_worker()).await;
     let email = new_email();
     let (old, new) = ("amber-quartz-meadow", "cobalt-fennel-spire");
     assert_eq!(
         post(&app, "/v1/auth/register", None, json!({"email": email, "password": old})).await.status(),
-        StatusCode::CREATED
+        StatusCode::ACCEPTED
     );
     let session: Value = login(&app, &email, old).await.json().await.unwrap();
     let session = session["token"].as_str().unwrap().to_owned();
