@@ -254,4 +254,37 @@ mod tests {
         );
         assert_eq!(parse_session_standing("user|soon|1", 1000), None);
     }
+
+    /// Runs `CACHE_STANDING` on `key`; what the key holds after.
+    async fn cache(
+        redis: &mut redis::aio::MultiplexedConnection,
+        key: &str,
+        value: &str,
+        valid_after: &str,
+    ) -> Option<String> {
+        let mut script = CACHE_STANDING.prepare_invoke();
+        let _: () = script.key(key).arg(value).arg(60).arg(valid_after).invoke_async(redis).await.unwrap();
+        redis::cmd("GET").arg(key).query_async(redis).await.unwrap()
+    }
+
+    /// The cache write of a request that read PostgreSQL just before a revocation (or a
+    /// password reset) comes after that revocation's own write: it must not undo it.
+    /// Against the real Redis of `REDIS_URL`, as in every test run.
+    #[tokio::test]
+    async fn a_stale_cache_write_never_undoes_a_revocation_or_a_later_cut_off() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let mut redis = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let key = format!("test:standing:{}", Uuid::now_v7());
+        // An API token: a revocation cached first, the stale `ok` second.
+        assert_eq!(cache(&mut redis, &key, "ok|user|1", "").await.as_deref(), Some("ok|user|1"));
+        let _: () = redis::cmd("SET").arg(&key).arg(REVOKED).query_async(&mut redis).await.unwrap();
+        assert_eq!(cache(&mut redis, &key, "ok|user|1", "").await.as_deref(), Some(REVOKED));
+
+        // A session: a later cut-off stays, an earlier one read before it does not replace it.
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
+        assert_eq!(cache(&mut redis, &key, "user|2000|1", "2000").await.as_deref(), Some("user|2000|1"));
+        assert_eq!(cache(&mut redis, &key, "user|1000|1", "1000").await.as_deref(), Some("user|2000|1"));
+        assert_eq!(cache(&mut redis, &key, "user|3000|1", "3000").await.as_deref(), Some("user|3000|1"));
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
+    }
 }
