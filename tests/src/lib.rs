@@ -100,6 +100,11 @@ pub async fn test_settings() -> Settings {
     settings.webhooks.metrics_bind = None;
     settings.webhooks.destination_breaker.open_for_ms = 1_000;
     settings.worker.id = Some(format!("test-worker-{}", &Uuid::now_v7().simple().to_string()[24..]));
+    // Request quotas no test reaches unless it sets its own: a fast machine submits and
+    // polls faster than the default refill (100 a second), which tests of other things
+    // must not trip over. (The per-IP quota of /v1/auth and batch-job quotas stay.)
+    settings.rate_limit.user = UNREACHABLE_QUOTA;
+    settings.rate_limit.operator = UNREACHABLE_QUOTA;
     let (secret, public) = auth::generate_key_pair().unwrap();
     settings.auth.public_keys = vec![public];
     settings.auth.secret_key = Some(SecretString::from(secret));
@@ -115,13 +120,16 @@ pub struct OperatorTokens {
     pub session: String,
 }
 
-/// Quotas no test reaches, so that every request gets to its handler rather than the
-/// rate limiter.
+/// A request quota no test reaches.
+const UNREACHABLE_QUOTA: spool_shared::config::Quota =
+    spool_shared::config::Quota { per_minute: 1_000_000, burst: 100_000 };
+
+/// Quotas no test reaches, the per-IP one of `/v1/auth` too, so that every request gets
+/// to its handler rather than the rate limiter.
 pub fn lift_rate_limits(settings: &mut Settings) {
-    let plenty = spool_shared::config::Quota { per_minute: 1_000_000, burst: 100_000 };
-    settings.rate_limit.user = plenty;
-    settings.rate_limit.operator = plenty;
-    settings.rate_limit.auth_per_ip = plenty;
+    settings.rate_limit.user = UNREACHABLE_QUOTA;
+    settings.rate_limit.operator = UNREACHABLE_QUOTA;
+    settings.rate_limit.auth_per_ip = UNREACHABLE_QUOTA;
 }
 
 fn init_logging() {
