@@ -192,9 +192,16 @@ async fn record_published(db: DatabaseConnection, mut confirmed: mpsc::Receiver<
         if received == 0 {
             return;
         }
+        // Rows a worker holds (claiming or completing them) are skipped, not waited for.
+        // Waiting let this statement and a worker's, each locking many rows in its own
+        // order, deadlock: PostgreSQL broke the cycle after `deadlock_timeout` (1 s), a
+        // stall of the batch. A skipped job is no longer `queued` once the worker commits,
+        // so the relay leaves it alone; its mark is lost, which is harmless.
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            "UPDATE jobs SET published_at = now()
+              WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND published_at IS NULL
+                           FOR UPDATE SKIP LOCKED)",
             [ids.clone().into()],
         );
         if let Err(error) = db.execute_raw(statement).await {

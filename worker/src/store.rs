@@ -168,6 +168,10 @@ pub async fn complete(
                       error = u.error,
                       dead_lettered = u.dead_lettered,
                       completed_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
+                      -- Its message came, and a retry's was confirmed before this commit: the
+                      -- outbox relay must not publish it again (the API's own mark may have
+                      -- been skipped while this row was locked).
+                      published_at = coalesce(jobs.published_at, now()),
                       inference_ms = $2,
                       batch_size = $3,
                       attempt_log = jobs.attempt_log || jsonb_build_array(jsonb_build_object(
