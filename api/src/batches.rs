@@ -18,6 +18,7 @@ use crate::error::{ApiError, FieldError};
 use crate::jobs::{IdempotencyKey, JobWebhook, WebhookRequest};
 use crate::publisher::Publisher;
 use crate::state::AppState;
+use crate::webhooks;
 
 /// Rows per multi-row insert, and per page of streamed results.
 const CHUNK: usize = 1_000;
@@ -179,10 +180,7 @@ pub struct BatchRequest {
 pub async fn accept(state: &AppState, owner_id: Uuid, request: BatchRequest) -> Result<Submission, ApiError> {
     let BatchRequest { model, items, webhook, key, request_id } = request;
     validate(&state.catalog, &model, &items, state.settings.api.max_batch_items)?;
-    let webhook = match webhook {
-        Some(webhook) => Some(webhook.check(state, owner_id).await?),
-        None => None,
-    };
+    let webhook = webhooks::job_target(state, owner_id, webhook).await?;
     state.workers.check_model(&model).await?;
     state.limiter.admit_batch_jobs(owner_id, items.len(), state.settings.rate_limit.batch_jobs).await?;
     let options = BatchOptions { webhook, request_id };

@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use spool_shared::amqp::JobEnvelope;
 use spool_shared::entities::jobs;
 use spool_shared::job::{JOB_DONE_CHANNEL, JobStatus};
-use spool_shared::ssrf::TargetPolicy;
 use uuid::Uuid;
 
 use crate::catalog::ValidJobRequest;
@@ -99,23 +98,12 @@ pub struct WebhookRequest {
     pub events: Option<Vec<String>>,
 }
 
-impl WebhookRequest {
-    /// Checks the target and makes sure the account has a secret to sign with.
-    pub async fn check(self, state: &AppState, owner_id: Uuid) -> Result<JobWebhook, ApiError> {
-        let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
-        webhooks::job_target(&policy, &state.db, &state.sealer, owner_id, &self.url, self.events).await
-    }
-}
-
 /// Checks a job request against its model's schema, its webhook target and the model's
 /// health (an open breaker on every worker is a 503 now, not a failed job later), then
 /// submits it.
 pub async fn accept(state: &AppState, owner_id: Uuid, request: JobRequest) -> Result<Submission, ApiError> {
     let valid = state.catalog.validate(&request.model, request.input)?;
-    let webhook = match request.webhook {
-        Some(webhook) => Some(webhook.check(state, owner_id).await?),
-        None => None,
-    };
+    let webhook = webhooks::job_target(state, owner_id, request.webhook).await?;
     state.workers.check_model(&valid.model).await?;
     let options = JobOptions { start_within: request.start_within, webhook, request_id: request.request_id };
     submit(&state.db, &state.inserter, &state.publisher, owner_id, valid, request.key, options).await

@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, FieldError};
-use crate::jobs::JobWebhook;
+use crate::jobs::{JobWebhook, WebhookRequest};
+use crate::state::AppState;
 
 /// How long a rotated-out secret still signs, beside the new one, while receivers switch.
 const PREVIOUS_SECRET_LIFETIME: &str = "24 hours";
@@ -320,20 +321,19 @@ pub async fn redeliver(db: &DatabaseConnection, caller: &Principal, delivery_id:
     row.map(|_| ()).ok_or(ApiError::DeliveryNotFound)
 }
 
-/// A job's own webhook (`webhook` on a job or batch), checked, with a secret to sign it:
-/// `events` defaults to `["completed"]`.
+/// A job's own webhook (`webhook` on a job or batch), if it asked for one: checked, with a
+/// secret to sign it. `events` defaults to `["completed"]`.
 pub async fn job_target(
-    policy: &TargetPolicy,
-    db: &DatabaseConnection,
-    sealer: &SecretSealer,
+    state: &AppState,
     owner_id: Uuid,
-    url: &str,
-    events: Option<Vec<String>>,
-) -> Result<JobWebhook, ApiError> {
-    let url = check_url(policy, url, "/webhook").await?;
+    requested: Option<WebhookRequest>,
+) -> Result<Option<JobWebhook>, ApiError> {
+    let Some(WebhookRequest { url, events }) = requested else { return Ok(None) };
+    let policy = TargetPolicy::new(&state.settings.webhooks.allowed_hosts);
+    let url = check_url(&policy, &url, "/webhook").await?;
     let events = check_events(&events.unwrap_or_else(|| vec!["completed".into()]), JOB_EVENTS, "/webhook_events")?;
-    ensure_job_secret(db, sealer, owner_id).await?;
-    Ok(JobWebhook { url, events })
+    ensure_job_secret(&state.db, &state.sealer, owner_id).await?;
+    Ok(Some(JobWebhook { url, events }))
 }
 
 /// Gives the account a secret for per-job webhooks if it has none yet (every submission

@@ -149,18 +149,17 @@ async fn usage_counts_each_job_its_share_of_the_batch_it_ran_in() {
     assert!(batched, "24 queued jobs all ran alone: the share was not tested");
 }
 
+/// `POST /v1/jobs` of a digit with a `Prefer` header.
+async fn submit_preferring(app: &TestApp, prefer: &str) -> reqwest::Response {
+    let job = json!({"model": "digits-cnn", "input": digit_input()});
+    let request = app.client.post(app.url("/v1/jobs")).bearer_auth(&app.token).header("Prefer", prefer);
+    request.json(&job).send().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_wait_returns_the_finished_job() {
     let app = spawn_app().await;
-    let response = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth(&app.token)
-        .header("Prefer", "wait=20")
-        .json(&json!({"model": "digits-cnn", "input": digit_input()}))
-        .send()
-        .await
-        .unwrap();
+    let response = submit_preferring(&app, "wait=20").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["preference-applied"], "wait=20");
     let job: Value = response.json().await.unwrap();
@@ -178,15 +177,7 @@ async fn long_poll_answers_when_the_job_finishes() {
     assert_eq!(job["status"], "queued");
     assert!(started.elapsed() >= Duration::from_millis(900));
     // A submission's wait that runs out is a 202 that says which wait it kept to.
-    let response = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth(&app.token)
-        .header("Prefer", "respond-async, wait=1")
-        .json(&json!({"model": "digits-cnn", "input": digit_input()}))
-        .send()
-        .await
-        .unwrap();
+    let response = submit_preferring(&app, "respond-async, wait=1").await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(response.headers()["preference-applied"], "wait=1");
 
