@@ -1,8 +1,9 @@
 """Joins the figures of scripts/bench/engine into one Markdown table: the worker's engine
 (spool-engine-bench --json) against PyTorch's forward (engine_baseline.py --json), per
-variant and batch size, then fp16 against fp32 where both ran.
+variant and batch size, with an earlier build of the engine where one ran (--before), then
+fp16 against fp32 where both ran.
 
-Usage: engine_report.py VARIANT ENGINE.json FORWARD.json [VARIANT ENGINE.json FORWARD.json ...]
+Usage: engine_report.py VARIANT ENGINE.json FORWARD.json BEFORE.json|- [VARIANT ...]
        (VARIANT like "fp32 short": the dtype, then the sentence lengths)
 """
 
@@ -17,36 +18,47 @@ def mib(value) -> str:
     return "–" if value is None else f"{value:,.0f}"
 
 
+def load(path: str):
+    return None if path == "-" else json.loads(Path(path).read_text())
+
+
 def main(argv) -> int:
-    if not argv or len(argv) % 3:
+    if not argv or len(argv) % 4:
         sys.exit(__doc__)
     variants = {}
-    for i in range(0, len(argv), 3):
-        label, engine, forward = argv[i], json.loads(Path(argv[i + 1]).read_text()), json.loads(Path(argv[i + 2]).read_text())
-        variants[label] = (engine, forward)
+    for i in range(0, len(argv), 4):
+        variants[argv[i]] = (load(argv[i + 1]), load(argv[i + 2]), load(argv[i + 3]))
 
-    first_engine, first_forward = next(iter(variants.values()))
+    first_engine, first_forward, _ = next(iter(variants.values()))
+    with_before = any(before for _, _, before in variants.values())
     print(f"Device: {first_engine['device']}; PyTorch {first_forward['torch']}; "
           f"libtorch CPU threads {first_engine['cpu_threads']} (engine) / {first_forward['cpu_threads']} (forward). "
-          "Engine: decode JSON + tokenize + tensors + forward + copy back + JSON-encode each output. "
+          "Engine: decode JSON + tokenize + tensors + forward + copy back + JSON-encode each output on the model "
+          "thread, and the batch's statement JSON on a writer thread (two batches in flight, as the worker). "
           "Forward: the TorchScript forward alone, inputs already on the device.\n")
-    print("| variant | batch | tokens mean / padded | engine sentences/s | engine ms/batch (of it: encode) "
-          "| forward sentences/s | forward ms/batch | engine / forward | GPU MiB: engine used | "
+    before_head = " before sentences/s | before / forward |" if with_before else ""
+    print("| variant | batch | tokens mean / padded | engine sentences/s | engine ms/batch (model thread; writer) "
+          f"| forward sentences/s | forward ms/batch | engine / forward |{before_head} GPU MiB: engine used | "
           "GPU MiB: forward peak allocated / used |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_before else "") + "---:|---:|")
     below = []
-    for label, (engine, forward) in variants.items():
-        for e, f in zip(engine["results"], forward["results"]):
+    for label, (engine, forward, before) in variants.items():
+        before_rows = before["results"] if before else [None] * len(engine["results"])
+        for e, f, b in zip(engine["results"], forward["results"], before_rows):
             if (e["batch"], e["padded_tokens"]) != (f["batch"], f["padded_tokens"]):
                 sys.exit(f"engine_report: {label}: engine and forward saw different batches "
                          f"({e['batch']}x{e['padded_tokens']} vs {f['batch']}x{f['padded_tokens']})")
             ratio = e["sentences_per_s"] / f["sentences_per_s"]
             if ratio < TARGET:
                 below.append(f"{label} batch {e['batch']} ({ratio:.2f})")
+            before_cells = ""
+            if with_before:
+                before_cells = (f" {b['sentences_per_s']:,.0f} | {b['sentences_per_s'] / f['sentences_per_s']:.2f} |"
+                                if b else " – | – |")
             print(f"| {label} | {e['batch']} | {e['mean_tokens']:.1f} / {e['padded_tokens']} "
-                  f"| {e['sentences_per_s']:,.0f} | {e['ms_per_batch']:.3f} ({e['encode_ms']:.3f}) "
-                  f"| {f['sentences_per_s']:,.0f} | {f['ms_per_batch']:.3f} | **{ratio:.2f}** "
-                  f"| {mib(e['gpu_used_mib'])} | {mib(f['max_allocated_mib'])} / {mib(f['gpu_used_mib'])} |")
+                  f"| {e['sentences_per_s']:,.0f} | {e['ms_per_batch']:.3f} ({e['infer_ms']:.3f}; {e['write_ms']:.3f}) "
+                  f"| {f['sentences_per_s']:,.0f} | {f['ms_per_batch']:.3f} | **{ratio:.2f}** |{before_cells}"
+                  f" {mib(e['gpu_used_mib'])} | {mib(f['max_allocated_mib'])} / {mib(f['gpu_used_mib'])} |")
     print(f"\nTarget engine >= {TARGET:.0%} of the forward: "
           + ("met at every size." if not below else "missed at " + ", ".join(below) + "."))
 

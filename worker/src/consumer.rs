@@ -23,6 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::batcher::next_batch;
+use crate::engine::ItemResult;
 use crate::outage::{until_admitted, until_db_answers};
 use crate::runtime::ModelHandle;
 use crate::store::{self, ClaimRequest, ClaimedJob, Completion, Outcome};
@@ -376,7 +377,7 @@ async fn settle(
 /// What running one batch produced.
 struct ModelRun {
     /// One result per input, in order.
-    results: Vec<Result<serde_json::Value, JobError>>,
+    results: Vec<ItemResult>,
     /// How long the forward took on the model thread, without the wait for the thread
     /// (behind other batches' forwards) before it: what `inference_ms` reports. `None`
     /// when no forward finished: every input was marked, or it failed or timed out.
@@ -426,7 +427,7 @@ async fn run_model(
     ModelRun { results, forward_time }
 }
 
-fn decide(policy: &RetryPolicy, result: Result<serde_json::Value, JobError>, attempt: i32) -> Outcome {
+fn decide(policy: &RetryPolicy, result: ItemResult, attempt: i32) -> Outcome {
     match result {
         Ok(output) => Outcome::Succeeded(output),
         Err(error) => match policy.decide(&error, attempt.max(1) as u32, rand::random::<f64>()) {
@@ -551,7 +552,7 @@ mod tests {
     use spool_shared::manifest::Manifest;
 
     use super::*;
-    use crate::engine::{Engine, EngineError, ItemResult};
+    use crate::engine::{Engine, EngineError, encode};
 
     /// Takes `self.0` for every forward, and echoes its inputs.
     struct Slow(Duration);
@@ -559,7 +560,7 @@ mod tests {
     impl Engine for Slow {
         fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
             std::thread::sleep(self.0);
-            Ok(inputs.iter().cloned().map(Ok).collect())
+            Ok(inputs.iter().map(encode).collect())
         }
 
         fn sample_input(&self) -> Value {

@@ -158,7 +158,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::engine::ItemResult;
+    use crate::engine::{ItemResult, encode};
 
     /// Echoes its inputs; panics on `"panic"`, as tch does where a call fails.
     struct Echo;
@@ -166,7 +166,7 @@ mod tests {
     impl Engine for Echo {
         fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
             assert!(!inputs.contains(&json!("panic")), "simulated tch panic");
-            Ok(inputs.iter().cloned().map(Ok).collect())
+            Ok(inputs.iter().map(encode).collect())
         }
 
         fn sample_input(&self) -> Value {
@@ -185,6 +185,8 @@ mod tests {
         let failed = handle.infer(vec![json!("panic")]).await;
         assert!(matches!(failed, Err(RuntimeError::Engine(EngineError::Panicked(_)))), "{:?}", failed.err());
         let served = handle.infer(vec![json!(1), json!(2)]).await.expect("the model thread is alive");
-        assert_eq!(served.results.into_iter().map(Result::ok).collect::<Vec<_>>(), [Some(json!(1)), Some(json!(2))]);
+        let outputs: Vec<Option<String>> =
+            served.results.iter().map(|r| r.as_ref().ok().map(|o| o.get().to_owned())).collect();
+        assert_eq!(outputs, [Some("1".to_owned()), Some("2".to_owned())]);
     }
 }

@@ -5,9 +5,13 @@
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 use spool_shared::job::{JOB_DONE_CHANNEL, JobError};
 use uuid::Uuid;
+
+use crate::engine::Output;
 
 /// A job this worker now owns for one attempt.
 #[derive(Debug)]
@@ -21,7 +25,7 @@ pub struct ClaimedJob {
 /// How one attempt ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Succeeded(Value),
+    Succeeded(Output),
     /// Final: not retryable.
     Failed(JobError),
     /// Final: retryable but out of attempts.
@@ -42,19 +46,35 @@ pub struct Completion {
     pub trace_id: Option<String>,
 }
 
+/// One row of [`complete`]'s statement, as its `jsonb_to_recordset` reads it.
+#[derive(Serialize)]
+struct ResultRow<'a> {
+    id: Uuid,
+    attempt: i32,
+    status: &'static str,
+    outcome: &'static str,
+    output: Option<&'a RawValue>,
+    error: Option<&'a JobError>,
+    dead_lettered: bool,
+}
+
 impl Completion {
-    fn row(&self) -> Value {
-        let (status, outcome, output, error, dead) = match &self.outcome {
-            Outcome::Succeeded(output) => ("succeeded", "succeeded", Some(output), None, false),
+    fn row(&self) -> ResultRow<'_> {
+        let (status, outcome, output, error, dead_lettered) = match &self.outcome {
+            Outcome::Succeeded(output) => ("succeeded", "succeeded", Some(output.as_ref()), None, false),
             Outcome::Failed(error) => ("failed", "failed", None, Some(error), false),
             Outcome::DeadLettered(error) => ("failed", "dead_lettered", None, Some(error), true),
             Outcome::Retrying { error, .. } => ("queued", "retry", None, Some(error), false),
         };
-        json!({
-            "id": self.id, "attempt": self.attempt, "status": status, "outcome": outcome,
-            "output": output, "error": error, "dead_lettered": dead,
-        })
+        ResultRow { id: self.id, attempt: self.attempt, status, outcome, output, error, dead_lettered }
     }
+}
+
+/// The JSON that [`complete`] sends for `completions`: each output goes in as its engine
+/// wrote it, copied rather than encoded again.
+pub fn results_json(completions: &[Completion]) -> String {
+    let rows: Vec<ResultRow> = completions.iter().map(Completion::row).collect();
+    serde_json::to_string(&rows).expect("rows of plain fields and JSON text always encode. This is a bug.")
 }
 
 /// What one batch asks to claim.
@@ -158,7 +178,6 @@ pub async fn complete(
     completions: &[Completion],
     inference_ms: Option<f64>,
 ) -> Result<u64, DbErr> {
-    let rows: Vec<Value> = completions.iter().map(Completion::row).collect();
     let statement = Statement::from_sql_and_values(
         DbBackend::Postgres,
         r#"WITH done AS (
@@ -197,7 +216,12 @@ pub async fn complete(
                       inference_ms_total = usage.inference_ms_total + EXCLUDED.inference_ms_total,
                       last_used_at = now())
            SELECT id, CASE WHEN status <> 'queued' THEN pg_notify($4, id::text) END FROM done"#,
-        [Value::Array(rows).into(), inference_ms.into(), (completions.len() as i32).into(), JOB_DONE_CHANNEL.into()],
+        [
+            results_json(completions).into(),
+            inference_ms.into(),
+            (completions.len() as i32).into(),
+            JOB_DONE_CHANNEL.into(),
+        ],
     );
     Ok(db.query_all_raw(statement).await?.len() as u64)
 }

@@ -84,7 +84,9 @@ async fn a_job_whose_worker_crashed_completes_exactly_once() {
     let stale = Completion {
         id,
         attempt: doomed_attempt,
-        outcome: Outcome::Succeeded(json!({"label": 9, "probabilities": []})),
+        outcome: Outcome::Succeeded(
+            serde_json::value::to_raw_value(&json!({"label": 9, "probabilities": []})).unwrap(),
+        ),
         trace_id: None,
     };
     assert_eq!(store::complete(&app.db, &[stale], Some(1.0)).await.unwrap(), 0);

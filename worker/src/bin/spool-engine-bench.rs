@@ -1,10 +1,16 @@
 //! `spool-engine-bench`: the worker's engine path for `minilm-embed` (decode the JSON
-//! inputs, tokenize, batch, forward, and encode each output to the JSON bytes the worker
-//! stores) at several batch sizes, with no RabbitMQ or PostgreSQL. `scripts/bench/engine`
-//! runs it beside PyTorch's own forward of the same artifact on the same sentences
-//! (`scripts/bench/engine_baseline.py`, fed by `--dump-inputs`).
+//! inputs, tokenize, batch, forward, encode each output to JSON, and build the JSON of the
+//! statement that stores a batch's results) at several batch sizes, with no RabbitMQ or
+//! PostgreSQL. `scripts/bench/engine` runs it beside PyTorch's own forward of the same
+//! artifact on the same sentences (`scripts/bench/engine_baseline.py`, fed by
+//! `--dump-inputs`).
+//!
+//! Batches run as the worker runs them with its default two batches in flight: this
+//! thread is the model thread, and a writer thread builds a batch's statement JSON while
+//! the next batch's forward runs. Throughput is sentences over wall time.
 
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,7 +19,9 @@ use spool_shared::config::WorkerSettings;
 use spool_shared::manifest::{EngineKind, ModelSpec};
 use spool_shared::telemetry;
 use spool_worker::device;
-use spool_worker::engine::{self, Engine};
+use spool_worker::engine::{self, Engine, ItemResult};
+use spool_worker::store::{self, Completion, Outcome};
+use uuid::Uuid;
 
 const USAGE: &str = "\
 usage: spool-engine-bench --artifact MODEL.pt --tokenizer tokenizer.json [options]
@@ -127,8 +135,12 @@ struct Args {
 struct Measurement {
     batch: usize,
     iters: usize,
+    /// From the first timed batch to the writer's last statement.
+    wall: Duration,
+    /// The model thread's time in `Engine::infer`.
     infer: Duration,
-    encode: Duration,
+    /// The writer thread's time building the statements' JSON.
+    write: Duration,
     output_bytes: usize,
     mean_tokens: f64,
     padded_tokens: usize,
@@ -136,12 +148,8 @@ struct Measurement {
 }
 
 impl Measurement {
-    fn seconds_per_batch(&self) -> f64 {
-        (self.infer + self.encode).as_secs_f64() / self.iters as f64
-    }
-
     fn sentences_per_second(&self) -> f64 {
-        self.batch as f64 / self.seconds_per_batch()
+        (self.batch * self.iters) as f64 / self.wall.as_secs_f64()
     }
 
     fn per_batch_ms(&self, total: Duration) -> f64 {
@@ -153,9 +161,9 @@ impl Measurement {
             "batch": self.batch,
             "iters": self.iters,
             "sentences_per_s": self.sentences_per_second(),
-            "ms_per_batch": self.seconds_per_batch() * 1e3,
+            "ms_per_batch": self.per_batch_ms(self.wall),
             "infer_ms": self.per_batch_ms(self.infer),
-            "encode_ms": self.per_batch_ms(self.encode),
+            "write_ms": self.per_batch_ms(self.write),
             "output_bytes_per_sentence": self.output_bytes / self.batch,
             "mean_tokens": self.mean_tokens,
             "padded_tokens": self.padded_tokens,
@@ -201,11 +209,11 @@ fn main() -> anyhow::Result<()> {
         }
         let gpu = measurement.gpu_used_mib.map(|mib| format!(", GPU used {mib:.0} MiB")).unwrap_or_default();
         println!(
-            "batch {batch:>4}: {:>9.1} sentences/s, {:>8.3} ms/batch (infer {:.3} + encode {:.3}), tokens mean {:.1} padded {}{gpu}",
+            "batch {batch:>4}: {:>9.1} sentences/s, {:>8.3} ms/batch (model thread {:.3}, writer {:.3}), tokens mean {:.1} padded {}{gpu}",
             measurement.sentences_per_second(),
-            measurement.seconds_per_batch() * 1e3,
+            measurement.per_batch_ms(measurement.wall),
             measurement.per_batch_ms(measurement.infer),
-            measurement.per_batch_ms(measurement.encode),
+            measurement.per_batch_ms(measurement.write),
             measurement.mean_tokens,
             measurement.padded_tokens,
         );
@@ -229,7 +237,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Warms up, then times whole engine calls plus the JSON encoding of every output.
+/// Warms up, then runs batches as the worker does with two in flight: this thread runs the
+/// engine, and a writer thread builds each batch's statement JSON while the next forward
+/// runs (a rendezvous channel: one batch in the writer, one in the engine).
 fn measure(
     engine: &mut dyn Engine,
     inputs: &[Value],
@@ -237,30 +247,50 @@ fn measure(
     iters: Option<usize>,
     seconds: f64,
 ) -> anyhow::Result<Measurement> {
-    let mut token_counts = Vec::new();
+    let (mut token_counts, mut output_bytes) = (Vec::new(), 0);
     // At least one: the token counts come from it.
     for _ in 0..warmup.max(1) {
-        token_counts = run_once(engine, inputs)?.token_counts;
+        let results = engine.infer(inputs)?;
+        (token_counts, output_bytes) = inspect(&results)?;
+        std::hint::black_box(store::results_json(&completions(results)?));
     }
     let budget = Duration::from_secs_f64(seconds);
-    let (mut infer, mut encode, mut output_bytes, mut done) = (Duration::ZERO, Duration::ZERO, 0, 0);
+    let (to_writer, from_engine) = mpsc::sync_channel::<Vec<ItemResult>>(0);
     let started = Instant::now();
     let more = |done: usize| match iters {
         Some(n) => done < n,
         None => done < MIN_TIMED_BATCHES || started.elapsed() < budget,
     };
-    while more(done) {
-        let step = run_once(engine, inputs)?;
-        infer += step.infer;
-        encode += step.encode;
-        output_bytes = step.output_bytes;
-        done += 1;
-    }
+    let (infer, done, write) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let writer = scope.spawn(move || -> anyhow::Result<Duration> {
+            let mut busy = Duration::ZERO;
+            for results in from_engine {
+                let began = Instant::now();
+                std::hint::black_box(store::results_json(&completions(results)?));
+                busy += began.elapsed();
+            }
+            Ok(busy)
+        });
+        let (mut infer, mut done) = (Duration::ZERO, 0);
+        while more(done) {
+            let began = Instant::now();
+            let results = engine.infer(inputs)?;
+            infer += began.elapsed();
+            if to_writer.send(results).is_err() {
+                break; // the writer stopped on an error, reported below
+            }
+            done += 1;
+        }
+        drop(to_writer);
+        let write = writer.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+        Ok((infer, done, write))
+    })?;
     Ok(Measurement {
         batch: inputs.len(),
         iters: done,
+        wall: started.elapsed(),
         infer,
-        encode,
+        write,
         output_bytes,
         mean_tokens: token_counts.iter().sum::<usize>() as f64 / token_counts.len().max(1) as f64,
         padded_tokens: token_counts.iter().copied().max().unwrap_or(0),
@@ -268,26 +298,28 @@ fn measure(
     })
 }
 
-struct Step {
-    infer: Duration,
-    encode: Duration,
-    output_bytes: usize,
-    token_counts: Vec<usize>,
+/// The results as the consumer hands them to `store::complete`: every input must succeed.
+fn completions(results: Vec<ItemResult>) -> anyhow::Result<Vec<Completion>> {
+    results
+        .into_iter()
+        .map(|result| {
+            let output = result.map_err(|e| anyhow::anyhow!("an input failed: {}: {}", e.code, e.message))?;
+            Ok(Completion { id: Uuid::now_v7(), attempt: 1, outcome: Outcome::Succeeded(output), trace_id: None })
+        })
+        .collect()
 }
 
-fn run_once(engine: &mut dyn Engine, inputs: &[Value]) -> anyhow::Result<Step> {
-    let started = Instant::now();
-    let results = engine.infer(inputs)?;
-    let inferred = Instant::now();
-    let mut output_bytes = 0;
+/// Each output's token count, and the JSON bytes of all the outputs.
+fn inspect(results: &[ItemResult]) -> anyhow::Result<(Vec<usize>, usize)> {
     let mut token_counts = Vec::with_capacity(results.len());
-    for result in &results {
+    let mut bytes = 0;
+    for result in results {
         let output = result.as_ref().map_err(|e| anyhow::anyhow!("an input failed: {}: {}", e.code, e.message))?;
-        // What the worker writes to the database for each job.
-        output_bytes += serde_json::to_vec(output)?.len();
-        token_counts.push(output["tokens"].as_u64().context("output without a token count")? as usize);
+        bytes += output.get().len();
+        let parsed: Value = serde_json::from_str(output.get())?;
+        token_counts.push(parsed["tokens"].as_u64().context("output without a token count")? as usize);
     }
-    Ok(Step { infer: inferred - started, encode: inferred.elapsed(), output_bytes, token_counts })
+    Ok((token_counts, bytes))
 }
 
 /// The manifest's `minilm-embed` entry with the artifact and tokenizer given on the command line.

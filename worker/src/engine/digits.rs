@@ -1,12 +1,12 @@
 //! `digits-cnn`: 8×8 handwritten digits (scikit-learn's set) → label and probabilities.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use spool_shared::job::JobError;
 use spool_shared::manifest::ModelSpec;
 use tch::{Device, Kind, Tensor};
 
-use super::{Engine, EngineError, ItemResult, decode_all, invalid_input, load_module, merge};
+use super::{Engine, EngineError, ItemResult, decode_all, encode, invalid_input, load_module, merge};
 
 const PIXELS: usize = 64;
 const CLASSES: usize = 10;
@@ -15,6 +15,12 @@ const CLASSES: usize = 10;
 #[serde(deny_unknown_fields)]
 struct DigitsInput {
     pixels: Vec<u8>,
+}
+
+#[derive(Serialize)]
+struct DigitsOutput<'a> {
+    label: usize,
+    probabilities: &'a [f32],
 }
 
 pub struct DigitsEngine {
@@ -62,7 +68,7 @@ impl Engine for DigitsEngine {
         let outputs = values.chunks(CLASSES).map(|row| {
             let label =
                 row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(label, _)| label).unwrap_or_default();
-            json!({ "label": label, "probabilities": row })
+            encode(&DigitsOutput { label, probabilities: row })
         });
         Ok(merge(results, decoded.iter().map(|(i, _)| *i), outputs))
     }
