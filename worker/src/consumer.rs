@@ -547,33 +547,19 @@ async fn reject(delivery: Delivery) {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::{Value, json};
+    use serde_json::json;
     use spool_shared::breaker::BreakerSettings;
     use spool_shared::manifest::Manifest;
 
     use super::*;
-    use crate::engine::{Engine, EngineError, encode};
-
-    /// Takes `self.0` for every forward, and echoes its inputs.
-    struct Slow(Duration);
-
-    impl Engine for Slow {
-        fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
-            std::thread::sleep(self.0);
-            Ok(inputs.iter().map(encode).collect())
-        }
-
-        fn sample_input(&self) -> Value {
-            json!("warm")
-        }
-    }
+    use crate::engine::echo::EchoEngine;
 
     async fn slow_model(forward: Duration, batches_in_flight: usize) -> ModelHandle {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
         let spec = Manifest::load(&models).expect("the manifest loads").models.into_iter().next().expect("a model");
         let settings = BreakerSettings::default();
         ModelHandle::start_with(spec, tch::Device::Cpu, settings, batches_in_flight, move || {
-            Ok(Box::new(Slow(forward)))
+            Ok(Box::new(EchoEngine { forward_time: forward }))
         })
         .await
         .expect("the model starts")

@@ -1,6 +1,8 @@
 //! The model thread: libtorch calls block, so each model lives on a dedicated OS thread
-//! fed by a channel of commands, each with a tracing span and a one-shot reply.
-//! The cheap `ModelHandle` is what async code holds.
+//! fed by a channel of forwards, each with a tracing span and a one-shot reply. The cheap
+//! `ModelHandle` is what async code holds: it prepares a batch (decode, tokenize) and
+//! finishes it (outputs as JSON) with the model's codec on a blocking thread, so that this
+//! work overlaps the forwards of the other batches in flight.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -13,11 +15,13 @@ use spool_shared::manifest::ModelSpec;
 use tch::Device;
 use tokio::sync::oneshot;
 
-use crate::engine::{self, Engine, EngineError, ItemResult};
+use crate::engine::{self, Codec, Engine, EngineError, Features, ItemResult, Prepared};
 
-/// What one forward produced, with how long it took.
+/// What one batch produced, with how long its forward took.
 pub struct BatchOutput {
     pub results: Vec<ItemResult>,
+    /// The forward's own time on the model thread (tensors, forward, copy back); zero
+    /// when no input needed one.
     pub inference_time: Duration,
 }
 
@@ -29,10 +33,17 @@ pub enum RuntimeError {
     Stopped(String),
 }
 
+/// A forward for the model thread; the features come back with the rows, for the outputs.
 struct Command {
-    inputs: Vec<Value>,
+    features: Features,
     span: tracing::Span,
-    reply: oneshot::Sender<Result<BatchOutput, EngineError>>,
+    reply: oneshot::Sender<Forwarded>,
+}
+
+struct Forwarded {
+    features: Features,
+    rows: Result<Vec<f32>, EngineError>,
+    time: Duration,
 }
 
 #[derive(Clone)]
@@ -40,6 +51,7 @@ pub struct ModelHandle {
     pub spec: Arc<ModelSpec>,
     /// Guards the model's runtime; shared by its consumer and the heartbeat.
     pub breaker: SharedBreaker,
+    codec: Arc<dyn Codec>,
     commands: mpsc::SyncSender<Command>,
 }
 
@@ -76,14 +88,29 @@ impl ModelHandle {
             .name(format!("model-{}", spec.name))
             .spawn(move || model_thread(&thread_spec, device, load, receiver, ready_tx))
             .map_err(|_| RuntimeError::Stopped(spec.name.clone()))?;
-        ready_rx.await.map_err(|_| RuntimeError::Stopped(spec.name.clone()))??;
-        Ok(Self { spec, breaker: SharedBreaker::new(breaker), commands })
+        let codec = ready_rx.await.map_err(|_| RuntimeError::Stopped(spec.name.clone()))??;
+        Ok(Self { spec, breaker: SharedBreaker::new(breaker), codec, commands })
     }
 
-    /// Runs one forward over `inputs` on the model thread.
+    /// Runs one batch: prepares it here (a blocking thread), forwards it on the model
+    /// thread, and makes its outputs here again.
     pub async fn infer(&self, inputs: Vec<Value>) -> Result<BatchOutput, RuntimeError> {
+        let codec = Arc::clone(&self.codec);
+        let Prepared { rejected, features } = blocking(move || codec.prepare(&inputs)).await??;
+        let (features, rows, inference_time) = if features.is_empty() {
+            (features, Vec::new(), Duration::ZERO)
+        } else {
+            let forwarded = self.forward(features).await?;
+            (forwarded.features, forwarded.rows?, forwarded.time)
+        };
+        let codec = Arc::clone(&self.codec);
+        let results = blocking(move || rejected.merge(codec.outputs(&features, &rows))).await?;
+        Ok(BatchOutput { results, inference_time })
+    }
+
+    async fn forward(&self, features: Features) -> Result<Forwarded, RuntimeError> {
         let (reply, response) = oneshot::channel();
-        let command = Command { inputs, span: tracing::Span::current(), reply };
+        let command = Command { features, span: tracing::Span::current(), reply };
         let commands = self.commands.clone();
         // SyncSender::send blocks while the queue is full: keep it off the async threads.
         tokio::task::spawn_blocking(move || commands.send(command))
@@ -91,8 +118,16 @@ impl ModelHandle {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| RuntimeError::Stopped(self.spec.name.clone()))?;
-        Ok(response.await.map_err(|_| RuntimeError::Stopped(self.spec.name.clone()))??)
+        response.await.map_err(|_| RuntimeError::Stopped(self.spec.name.clone()))
     }
+}
+
+/// Runs a codec step on a blocking thread; a panic there fails the batch as the engine's.
+async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(step)))
+        .await
+        .map_err(|error| EngineError::Panicked(error.to_string()))?
+        .map_err(|panic| EngineError::Panicked(panic_message(panic.as_ref())))
 }
 
 fn model_thread(
@@ -100,7 +135,7 @@ fn model_thread(
     device: Device,
     load: impl FnOnce() -> Result<Box<dyn Engine>, EngineError>,
     commands: mpsc::Receiver<Command>,
-    ready: oneshot::Sender<Result<(), EngineError>>,
+    ready: oneshot::Sender<Result<Arc<dyn Codec>, EngineError>>,
 ) {
     let started = Instant::now();
     let mut engine = match load() {
@@ -115,7 +150,7 @@ fn model_thread(
         return;
     }
     tracing::info!(model = %spec.name, ?device, load_ms = started.elapsed().as_millis() as u64, "model loaded and warmed up");
-    let _ = ready.send(Ok(()));
+    let _ = ready.send(Ok(engine.codec()));
     // Ends when every handle is dropped.
     while let Ok(command) = commands.recv() {
         let _entered = command.span.enter();
@@ -125,10 +160,10 @@ fn model_thread(
         // worker kept taking jobs. Caught, it fails this batch with a retryable error
         // that the model's breaker counts: an engine broken for good opens the breaker,
         // and the jobs wait in the queue for healthy workers.
-        let output = std::panic::catch_unwind(AssertUnwindSafe(|| engine.infer(&command.inputs)))
-            .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(panic.as_ref()))))
-            .map(|results| BatchOutput { results, inference_time: started.elapsed() });
-        let _ = command.reply.send(output);
+        let rows = std::panic::catch_unwind(AssertUnwindSafe(|| engine.forward(&command.features)))
+            .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(panic.as_ref()))));
+        let forwarded = Forwarded { features: command.features, rows, time: started.elapsed() };
+        let _ = command.reply.send(forwarded);
     }
 }
 
@@ -142,9 +177,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 fn warm_up(engine: &mut dyn Engine) -> Result<(), EngineError> {
     // A few passes at different sizes let libtorch settle its allocations and kernels.
+    let sample = engine.codec().sample_input();
     for size in [1, 4] {
-        let inputs = vec![engine.sample_input(); size];
-        for result in engine.infer(&inputs)? {
+        for result in engine::infer(engine, &vec![sample.clone(); size])? {
             if let Err(error) = result {
                 tracing::warn!(code = %error.code, message = %error.message, "warm-up input rejected");
             }
@@ -158,35 +193,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::engine::{ItemResult, encode};
-
-    /// Echoes its inputs; panics on `"panic"`, as tch does where a call fails.
-    struct Echo;
-
-    impl Engine for Echo {
-        fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
-            assert!(!inputs.contains(&json!("panic")), "simulated tch panic");
-            Ok(inputs.iter().map(encode).collect())
-        }
-
-        fn sample_input(&self) -> Value {
-            json!("warm")
-        }
-    }
+    use crate::engine::echo::EchoEngine;
 
     #[tokio::test]
     async fn a_panicking_batch_fails_alone_and_the_model_keeps_serving() {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
         let manifest = spool_shared::manifest::Manifest::load(&models).expect("the manifest loads");
         let spec = manifest.models.into_iter().next().expect("a model");
-        let handle = ModelHandle::start_with(spec, Device::Cpu, BreakerSettings::default(), 2, || Ok(Box::new(Echo)))
-            .await
-            .expect("the model starts");
-        let failed = handle.infer(vec![json!("panic")]).await;
+        let handle = ModelHandle::start_with(spec, Device::Cpu, BreakerSettings::default(), 2, || {
+            Ok(Box::new(EchoEngine { forward_time: Duration::ZERO }))
+        })
+        .await
+        .expect("the model starts");
+        // A negative number makes the echo engine's forward panic.
+        let failed = handle.infer(vec![json!(-1)]).await;
         assert!(matches!(failed, Err(RuntimeError::Engine(EngineError::Panicked(_)))), "{:?}", failed.err());
-        let served = handle.infer(vec![json!(1), json!(2)]).await.expect("the model thread is alive");
-        let outputs: Vec<Option<String>> =
-            served.results.iter().map(|r| r.as_ref().ok().map(|o| o.get().to_owned())).collect();
-        assert_eq!(outputs, [Some("1".to_owned()), Some("2".to_owned())]);
+        let served =
+            handle.infer(vec![json!(1), json!("not a number"), json!(2)]).await.expect("the model thread is alive");
+        let outputs: Vec<Result<String, String>> =
+            served.results.iter().map(|r| r.as_ref().map(|o| o.get().to_owned()).map_err(|e| e.code.clone())).collect();
+        assert_eq!(outputs, [Ok("1.0".to_owned()), Err("invalid_input".to_owned()), Ok("2.0".to_owned())]);
     }
 }

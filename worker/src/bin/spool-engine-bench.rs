@@ -5,22 +5,27 @@
 //! artifact on the same sentences (`scripts/bench/engine_baseline.py`, fed by
 //! `--dump-inputs`).
 //!
-//! Batches run as the worker runs them with its default two batches in flight: this
-//! thread is the model thread, and a writer thread builds a batch's statement JSON while
-//! the next batch's forward runs. Throughput is sentences over wall time.
+//! Batches run through the worker's own runtime (`ModelHandle`) as its consumer runs them,
+//! with its default two batches in flight: each batch is prepared (decoded, tokenized) and
+//! finished (outputs as JSON) on blocking threads, and its statement JSON built, while the
+//! other batch's forward runs on the model thread. Throughput is sentences over wall time.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
+use spool_shared::breaker::BreakerSettings;
 use spool_shared::config::WorkerSettings;
 use spool_shared::manifest::{EngineKind, ModelSpec};
 use spool_shared::telemetry;
 use spool_worker::device;
-use spool_worker::engine::{self, Engine, ItemResult};
+use spool_worker::engine::ItemResult;
+use spool_worker::runtime::ModelHandle;
 use spool_worker::store::{self, Completion, Outcome};
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 const USAGE: &str = "\
@@ -40,6 +45,8 @@ const CUDA_BATCHES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 const CPU_BATCHES: [usize; 4] = [1, 8, 32, 64];
 /// Timing a few batches even when one batch outlasts `--seconds` keeps the mean honest.
 const MIN_TIMED_BATCHES: usize = 3;
+/// The worker's default `worker.batches_in_flight`.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Common words that are one WordPiece each, plus a few that split, as real text does.
 const WORDS: [&str; 64] = [
@@ -137,9 +144,9 @@ struct Measurement {
     iters: usize,
     /// From the first timed batch to the writer's last statement.
     wall: Duration,
-    /// The model thread's time in `Engine::infer`.
+    /// The model thread's time in the forwards (tensors, forward, copy back).
     infer: Duration,
-    /// The writer thread's time building the statements' JSON.
+    /// The batch tasks' time building the statements' JSON.
     write: Duration,
     output_bytes: usize,
     mean_tokens: f64,
@@ -174,6 +181,10 @@ impl Measurement {
 
 fn main() -> anyhow::Result<()> {
     telemetry::init("warn");
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = parse_args(std::env::args().skip(1))?;
     let device = device::select(&args.device)?;
     // As the worker does (`Application::build`): it is the engine path as deployed.
@@ -192,7 +203,7 @@ fn main() -> anyhow::Result<()> {
 
     let spec = minilm_spec(&args);
     let started = Instant::now();
-    let mut engine = engine::load(&spec, device)?;
+    let model = ModelHandle::start(spec.clone(), device, BreakerSettings::default(), BATCHES_IN_FLIGHT).await?;
     println!(
         "engine: minilm-embed on {device:?} ({} CPU threads), artifact {}, loaded in {:.1} s",
         args.cpu_threads,
@@ -203,7 +214,7 @@ fn main() -> anyhow::Result<()> {
     let mut measurements = Vec::with_capacity(batches.len());
     for &batch in &batches {
         let inputs = &sentences[..batch];
-        let mut measurement = measure(engine.as_mut(), inputs, warmup, args.iters, seconds)?;
+        let mut measurement = measure(&model, inputs, warmup, args.iters, seconds).await?;
         if on_cuda {
             measurement.gpu_used_mib = gpu_memory_used_mib();
         }
@@ -237,11 +248,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Warms up, then runs batches as the worker does with two in flight: this thread runs the
-/// engine, and a writer thread builds each batch's statement JSON while the next forward
-/// runs (a rendezvous channel: one batch in the writer, one in the engine).
-fn measure(
-    engine: &mut dyn Engine,
+/// Warms up, then runs batches as the worker's consumer does with its default two batches
+/// in flight: two tasks, each preparing a batch, waiting for its forward on the model
+/// thread, finishing it, and building its statement JSON, while the other's runs.
+async fn measure(
+    model: &ModelHandle,
     inputs: &[Value],
     warmup: usize,
     iters: Option<usize>,
@@ -250,41 +261,43 @@ fn measure(
     let (mut token_counts, mut output_bytes) = (Vec::new(), 0);
     // At least one: the token counts come from it.
     for _ in 0..warmup.max(1) {
-        let results = engine.infer(inputs)?;
-        (token_counts, output_bytes) = inspect(&results)?;
-        std::hint::black_box(store::results_json(&completions(results)?));
+        let output = model.infer(inputs.to_vec()).await?;
+        (token_counts, output_bytes) = inspect(&output.results)?;
+        std::hint::black_box(store::results_json(&completions(output.results)?));
     }
     let budget = Duration::from_secs_f64(seconds);
-    let (to_writer, from_engine) = mpsc::sync_channel::<Vec<ItemResult>>(0);
     let started = Instant::now();
-    let more = |done: usize| match iters {
-        Some(n) => done < n,
-        None => done < MIN_TIMED_BATCHES || started.elapsed() < budget,
-    };
-    let (infer, done, write) = std::thread::scope(|scope| -> anyhow::Result<_> {
-        let writer = scope.spawn(move || -> anyhow::Result<Duration> {
-            let mut busy = Duration::ZERO;
-            for results in from_engine {
+    let launched = Arc::new(AtomicUsize::new(0));
+    let inputs = Arc::new(inputs.to_vec());
+    let mut tasks = JoinSet::new();
+    for _ in 0..BATCHES_IN_FLIGHT {
+        let (model, inputs, launched) = (model.clone(), Arc::clone(&inputs), Arc::clone(&launched));
+        tasks.spawn(async move {
+            let (mut infer, mut write, mut done) = (Duration::ZERO, Duration::ZERO, 0);
+            loop {
+                let n = launched.fetch_add(1, Ordering::Relaxed);
+                let more = match iters {
+                    Some(max) => n < max,
+                    None => n < MIN_TIMED_BATCHES || started.elapsed() < budget,
+                };
+                if !more {
+                    break;
+                }
+                let output = model.infer(inputs.to_vec()).await?;
+                infer += output.inference_time;
                 let began = Instant::now();
-                std::hint::black_box(store::results_json(&completions(results)?));
-                busy += began.elapsed();
+                std::hint::black_box(store::results_json(&completions(output.results)?));
+                write += began.elapsed();
+                done += 1;
             }
-            Ok(busy)
+            anyhow::Ok((infer, write, done))
         });
-        let (mut infer, mut done) = (Duration::ZERO, 0);
-        while more(done) {
-            let began = Instant::now();
-            let results = engine.infer(inputs)?;
-            infer += began.elapsed();
-            if to_writer.send(results).is_err() {
-                break; // the writer stopped on an error, reported below
-            }
-            done += 1;
-        }
-        drop(to_writer);
-        let write = writer.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
-        Ok((infer, done, write))
-    })?;
+    }
+    let (mut infer, mut write, mut done) = (Duration::ZERO, Duration::ZERO, 0);
+    while let Some(task) = tasks.join_next().await {
+        let (task_infer, task_write, task_done) = task??;
+        (infer, write, done) = (infer + task_infer, write + task_write, done + task_done);
+    }
     Ok(Measurement {
         batch: inputs.len(),
         iters: done,

@@ -1,12 +1,16 @@
 //! `digits-cnn`: 8×8 handwritten digits (scikit-learn's set) → label and probabilities.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use spool_shared::job::JobError;
 use spool_shared::manifest::ModelSpec;
 use tch::{Device, Kind, Tensor};
 
-use super::{Engine, EngineError, ItemResult, decode_all, encode, invalid_input, load_module, merge};
+use super::{
+    Codec, Engine, EngineError, Features, ItemResult, Prepared, decode_all, encode, invalid_input, load_module,
+};
 
 const PIXELS: usize = 64;
 const CLASSES: usize = 10;
@@ -49,32 +53,51 @@ fn decode(input: &Value) -> Result<[f32; PIXELS], JobError> {
     Ok(pixels)
 }
 
-impl Engine for DigitsEngine {
-    fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
-        let (decoded, results) = decode_all(inputs, decode);
-        if decoded.is_empty() {
-            return Ok(merge(results, std::iter::empty(), std::iter::empty()));
-        }
-        let flat: Vec<f32> = decoded.iter().flat_map(|(_, pixels)| pixels.iter().copied()).collect();
-        // The fallible `f_` calls: a failed device copy fails the batch (retryable) instead
-        // of panicking on the model thread.
-        let batch =
-            Tensor::f_from_slice(&flat)?.f_view([decoded.len() as i64, PIXELS as i64])?.f_to_device(self.device)?;
-        let probabilities = tch::no_grad(|| self.module.forward_ts(&[batch]))?
-            .f_to_kind(Kind::Float)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?;
-        let values = Vec::<f32>::try_from(probabilities.f_view([-1])?)?;
-        let outputs = values.chunks(CLASSES).map(|row| {
-            let label =
-                row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(label, _)| label).unwrap_or_default();
-            encode(&DigitsOutput { label, probabilities: row })
-        });
-        Ok(merge(results, decoded.iter().map(|(i, _)| *i), outputs))
+struct DigitsCodec;
+
+impl Codec for DigitsCodec {
+    fn prepare(&self, inputs: &[Value]) -> Result<Prepared, EngineError> {
+        let (decoded, rejected) = decode_all(inputs, decode);
+        let values = decoded.iter().flatten().copied().collect();
+        Ok(Prepared::new(rejected, Features::Rows { values, width: PIXELS }))
+    }
+
+    fn outputs(&self, _features: &Features, rows: &[f32]) -> Vec<ItemResult> {
+        rows.chunks(CLASSES)
+            .map(|row| {
+                let label = row
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(label, _)| label)
+                    .unwrap_or_default();
+                encode(&DigitsOutput { label, probabilities: row })
+            })
+            .collect()
     }
 
     fn sample_input(&self) -> Value {
         json!({ "pixels": vec![0u8; PIXELS] })
+    }
+}
+
+impl Engine for DigitsEngine {
+    fn codec(&self) -> Arc<dyn Codec> {
+        Arc::new(DigitsCodec)
+    }
+
+    fn forward(&mut self, features: &Features) -> Result<Vec<f32>, EngineError> {
+        let Features::Rows { values, width: PIXELS } = features else { return Err(EngineError::WrongFeatures) };
+        // The fallible `f_` calls: a failed device copy fails the batch (retryable) instead
+        // of panicking on the model thread.
+        let batch = Tensor::f_from_slice(values)?
+            .f_view([(values.len() / PIXELS) as i64, PIXELS as i64])?
+            .f_to_device(self.device)?;
+        let probabilities = tch::no_grad(|| self.module.forward_ts(&[batch]))?
+            .f_to_kind(Kind::Float)?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+        Ok(Vec::<f32>::try_from(probabilities.f_view([-1])?)?)
     }
 }
 

@@ -1,6 +1,8 @@
 //! `minilm-embed`: all-MiniLM-L6-v2 sentence embeddings (384-d, mean-pooled, L2-normalized;
 //! pooling and normalization happen inside the TorchScript artifact).
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -9,7 +11,9 @@ use spool_shared::manifest::ModelSpec;
 use tch::{Device, Kind, Tensor};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Engine, EngineError, ItemResult, decode_all, encode, invalid_input, load_module, merge};
+use super::{
+    Codec, Engine, EngineError, Features, ItemResult, Prepared, decode_all, encode, invalid_input, load_module,
+};
 
 const DIMENSIONS: usize = 384;
 /// sentence-transformers truncates this model at 256 tokens; the positions stop at 512.
@@ -38,8 +42,13 @@ struct EmbedOutput<'a> {
 
 pub struct MiniLmEngine {
     module: tch::CModule,
-    tokenizer: Tokenizer,
     device: Device,
+    codec: Arc<MiniLmCodec>,
+}
+
+/// Tokenizes texts where sentence-transformers does, and writes the embeddings as JSON.
+pub struct MiniLmCodec {
+    tokenizer: Tokenizer,
 }
 
 impl MiniLmEngine {
@@ -47,7 +56,7 @@ impl MiniLmEngine {
         let path = spec.tokenizer.as_ref().ok_or_else(|| EngineError::MissingTokenizer(spec.name.clone()))?;
         let tokenizer_error = |message: String| EngineError::Tokenizer { path: path.display().to_string(), message };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| tokenizer_error(e.to_string()))?;
-        // The shipped tokenizer.json pads every batch to a fixed 128 tokens; `infer` pads
+        // The shipped tokenizer.json pads every batch to a fixed 128 tokens; `forward` pads
         // each group of texts itself, and texts are truncated where sentence-transformers does.
         tokenizer.with_padding(None);
         tokenizer
@@ -56,7 +65,7 @@ impl MiniLmEngine {
                 ..Default::default()
             }))
             .map_err(|e| tokenizer_error(e.to_string()))?;
-        Ok(Self { module: load_module(spec, device)?, tokenizer, device })
+        Ok(Self { module: load_module(spec, device)?, device, codec: Arc::new(MiniLmCodec { tokenizer }) })
     }
 
     /// One forward over `rows` of token ids, padded to the longest: one embedding per row,
@@ -93,15 +102,44 @@ fn decode(input: &Value) -> Result<String, JobError> {
     Ok(parsed.text)
 }
 
+impl Codec for MiniLmCodec {
+    fn prepare(&self, inputs: &[Value]) -> Result<Prepared, EngineError> {
+        let (texts, rejected) = decode_all(inputs, decode);
+        let tokens = if texts.is_empty() {
+            Vec::new()
+        } else {
+            let encodings =
+                self.tokenizer.encode_batch(texts, true).map_err(|e| EngineError::Tokenize(e.to_string()))?;
+            encodings.into_iter().map(|encoding| encoding.get_ids().to_vec()).collect()
+        };
+        Ok(Prepared::new(rejected, Features::Tokens(tokens)))
+    }
+
+    fn outputs(&self, features: &Features, rows: &[f32]) -> Vec<ItemResult> {
+        let Features::Tokens(tokens) = features else {
+            return Vec::new(); // no outputs: every item fails as "too few rows"
+        };
+        // Writing 384 numbers per text as JSON costs more CPU than tokenizing it.
+        rows.par_chunks(DIMENSIONS)
+            .zip(tokens.par_iter())
+            .with_min_len(ENCODE_CHUNK)
+            .map(|(embedding, ids)| encode(&EmbedOutput { embedding, tokens: ids.len() }))
+            .collect()
+    }
+
+    fn sample_input(&self) -> Value {
+        json!({ "text": "Spool warms up this model once at start." })
+    }
+}
+
 impl Engine for MiniLmEngine {
-    fn infer(&mut self, inputs: &[Value]) -> Result<Vec<ItemResult>, EngineError> {
-        let (decoded, results) = decode_all(inputs, decode);
-        if decoded.is_empty() {
-            return Ok(merge(results, std::iter::empty(), std::iter::empty()));
-        }
-        let texts: Vec<&str> = decoded.iter().map(|(_, text)| text.as_str()).collect();
-        let encodings = self.tokenizer.encode_batch(texts, true).map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        let token_counts: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
+    fn codec(&self) -> Arc<dyn Codec> {
+        self.codec.clone()
+    }
+
+    fn forward(&mut self, features: &Features) -> Result<Vec<f32>, EngineError> {
+        let Features::Tokens(tokens) = features else { return Err(EngineError::WrongFeatures) };
+        let token_counts: Vec<usize> = tokens.iter().map(Vec::len).collect();
         // On the CPU every padding token costs as much as a real one. On CUDA the batch
         // stays one forward: more launches against less padding is unmeasured there.
         let groups = if self.device == Device::Cpu {
@@ -109,27 +147,15 @@ impl Engine for MiniLmEngine {
         } else {
             vec![(0..token_counts.len()).collect()]
         };
-        let mut values = vec![0f32; encodings.len() * DIMENSIONS];
+        let mut values = vec![0f32; tokens.len() * DIMENSIONS];
         for group in groups {
-            let rows: Vec<&[u32]> = group.iter().map(|&i| encodings[i].get_ids()).collect();
+            let rows: Vec<&[u32]> = group.iter().map(|&i| tokens[i].as_slice()).collect();
             let group_values = self.forward_padded(&rows)?;
             for (embedding, &i) in group_values.chunks(DIMENSIONS).zip(&group) {
                 values[i * DIMENSIONS..(i + 1) * DIMENSIONS].copy_from_slice(embedding);
             }
         }
-        // Writing 384 numbers per text as JSON costs more CPU than the rest of the engine;
-        // on a GPU, done in series, it would rival the forward itself.
-        let outputs: Vec<ItemResult> = values
-            .par_chunks(DIMENSIONS)
-            .zip(token_counts.par_iter())
-            .with_min_len(ENCODE_CHUNK)
-            .map(|(embedding, &tokens)| encode(&EmbedOutput { embedding, tokens }))
-            .collect();
-        Ok(merge(results, decoded.iter().map(|(i, _)| *i), outputs.into_iter()))
-    }
-
-    fn sample_input(&self) -> Value {
-        json!({ "text": "Spool warms up this model once at start." })
+        Ok(values)
     }
 }
 
@@ -188,6 +214,7 @@ mod tests {
         let manifest = spool_shared::manifest::Manifest::load(&models).unwrap();
         let spec = manifest.models.into_iter().find(|m| m.name == "minilm-embed").unwrap();
         let mut engine = MiniLmEngine::load(&spec, Device::Cpu).unwrap();
+        let mut infer = |inputs: &[Value]| crate::engine::infer(&mut engine, inputs).unwrap();
         let reference: Value =
             serde_json::from_str(&std::fs::read_to_string(models.join("minilm-embed/reference.json")).unwrap())
                 .unwrap();
@@ -200,11 +227,11 @@ mod tests {
         let embedding = |result: &ItemResult| -> Vec<f64> {
             parse(result)["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
         };
-        let together = engine.infer(&inputs).unwrap();
+        let together = infer(&inputs);
         let token_counts: Vec<usize> = together.iter().map(|r| parse(r)["tokens"].as_u64().unwrap() as usize).collect();
         assert!(length_groups(&token_counts, CPU_GROUP_MIN_TOKENS, CPU_GROUP_MAX_PADDING).len() > 2);
         for (input, result) in inputs.iter().zip(&together) {
-            let alone = engine.infer(std::slice::from_ref(input)).unwrap();
+            let alone = infer(std::slice::from_ref(input));
             let (a, b) = (embedding(&alone[0]), embedding(result));
             let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!(dot > 0.99999, "{input}: cosine {dot} between alone and in the batch");
