@@ -33,11 +33,12 @@ def main(argv) -> int:
     with_before = any(before for _, _, before in variants.values())
     print(f"Device: {first_engine['device']}; PyTorch {first_forward['torch']}; "
           f"libtorch CPU threads {first_engine['cpu_threads']} (engine) / {first_forward['cpu_threads']} (forward). "
-          "Engine: decode JSON + tokenize + tensors + forward + copy back + JSON-encode each output on the model "
-          "thread, and the batch's statement JSON on a writer thread (two batches in flight, as the worker). "
-          "Forward: the TorchScript forward alone, inputs already on the device.\n")
+          "Engine: the worker's ModelHandle with two batches in flight, as its consumer runs them: decode JSON + "
+          "tokenize (blocking thread), tensors + forward + copy back (model thread), each output as JSON (blocking "
+          "thread), then the batch's statement JSON (batch task); throughput is sentences over wall time. "
+          "Forward: the TorchScript forward alone, inputs already on the device, one batch at a time.\n")
     before_head = " before sentences/s | before / forward |" if with_before else ""
-    print("| variant | batch | tokens mean / padded | engine sentences/s | engine ms/batch (model thread; writer) "
+    print("| variant | batch | tokens mean / padded | engine sentences/s | engine ms/batch (model thread; statement JSON) "
           f"| forward sentences/s | forward ms/batch | engine / forward |{before_head} GPU MiB: engine used | "
           "GPU MiB: forward peak allocated / used |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_before else "") + "---:|---:|")

@@ -142,7 +142,7 @@ struct Args {
 struct Measurement {
     batch: usize,
     iters: usize,
-    /// From the first timed batch to the writer's last statement.
+    /// From the first timed batch to the last batch's statement JSON.
     wall: Duration,
     /// The model thread's time in the forwards (tensors, forward, copy back).
     infer: Duration,
@@ -220,7 +220,7 @@ async fn run() -> anyhow::Result<()> {
         }
         let gpu = measurement.gpu_used_mib.map(|mib| format!(", GPU used {mib:.0} MiB")).unwrap_or_default();
         println!(
-            "batch {batch:>4}: {:>9.1} sentences/s, {:>8.3} ms/batch (model thread {:.3}, writer {:.3}), tokens mean {:.1} padded {}{gpu}",
+            "batch {batch:>4}: {:>9.1} sentences/s, {:>8.3} ms/batch (model thread {:.3}, statement JSON {:.3}), tokens mean {:.1} padded {}{gpu}",
             measurement.sentences_per_second(),
             measurement.per_batch_ms(measurement.wall),
             measurement.per_batch_ms(measurement.infer),
