@@ -401,7 +401,7 @@ async fn run_model(
         (Vec::new(), None)
     } else {
         match tokio::time::timeout(timeout, model.infer(healthy)).await {
-            Ok(Ok(output)) => (output.results, Some(output.inference_time)),
+            Ok(Ok(output)) => (output.results, output.inference_time),
             Ok(Err(error)) => {
                 tracing::error!(error.cause_chain = ?error, "batch forward failed");
                 (vec![Err(JobError::retryable("inference_error", error.to_string())); healthy_count], None)
@@ -589,5 +589,9 @@ mod tests {
         let run = run_model(&model, vec![json!("fail here")], Some("fail here"), Duration::from_secs(30)).await;
         assert!(run.forward_time.is_none(), "every input failed before the forward");
         assert!(matches!(&run.results[..], [Err(error)] if error.code == "injected_fault"));
+        // Inputs the codec rejects never reach the model thread either.
+        let run = run_model(&model, vec![json!("not a number")], None, Duration::from_secs(30)).await;
+        assert!(run.forward_time.is_none(), "no input got as far as the forward");
+        assert!(matches!(&run.results[..], [Err(error)] if error.code == "invalid_input"));
     }
 }

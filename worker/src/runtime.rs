@@ -20,9 +20,9 @@ use crate::engine::{self, Codec, Engine, EngineError, Features, ItemResult, Prep
 /// What one batch produced, with how long its forward took.
 pub struct BatchOutput {
     pub results: Vec<ItemResult>,
-    /// The forward's own time on the model thread (tensors, forward, copy back); zero
-    /// when no input needed one.
-    pub inference_time: Duration,
+    /// The forward's own time on the model thread (tensors, forward, copy back); `None`
+    /// when no input got as far as a forward.
+    pub inference_time: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +98,10 @@ impl ModelHandle {
         let codec = Arc::clone(&self.codec);
         let Prepared { rejected, features } = blocking(move || codec.prepare(&inputs)).await??;
         let (features, rows, inference_time) = if features.is_empty() {
-            (features, Vec::new(), Duration::ZERO)
+            (features, Vec::new(), None)
         } else {
             let forwarded = self.forward(features).await?;
-            (forwarded.features, forwarded.rows?, forwarded.time)
+            (forwarded.features, forwarded.rows?, Some(forwarded.time))
         };
         let codec = Arc::clone(&self.codec);
         let results = blocking(move || rejected.merge(codec.outputs(&features, &rows))).await?;

@@ -284,7 +284,7 @@ async fn measure(
                     break;
                 }
                 let output = model.infer(inputs.to_vec()).await?;
-                infer += output.inference_time;
+                infer += output.inference_time.unwrap_or_default();
                 let began = Instant::now();
                 std::hint::black_box(store::results_json(&completions(output.results)?));
                 write += began.elapsed();
