@@ -45,8 +45,6 @@ const CUDA_BATCHES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 const CPU_BATCHES: [usize; 4] = [1, 8, 32, 64];
 /// Timing a few batches even when one batch outlasts `--seconds` keeps the mean honest.
 const MIN_TIMED_BATCHES: usize = 3;
-/// The worker's default `worker.batches_in_flight`.
-const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Common words that are one WordPiece each, plus a few that split, as real text does.
 const WORDS: [&str; 64] = [
@@ -203,7 +201,7 @@ async fn run() -> anyhow::Result<()> {
 
     let spec = minilm_spec(&args);
     let started = Instant::now();
-    let model = ModelHandle::start(spec.clone(), device, BreakerSettings::default(), BATCHES_IN_FLIGHT).await?;
+    let model = ModelHandle::start(spec.clone(), device, BreakerSettings::default(), batches_in_flight()).await?;
     println!(
         "engine: minilm-embed on {device:?} ({} CPU threads), artifact {}, loaded in {:.1} s",
         args.cpu_threads,
@@ -270,7 +268,7 @@ async fn measure(
     let launched = Arc::new(AtomicUsize::new(0));
     let inputs = Arc::new(inputs.to_vec());
     let mut tasks = JoinSet::new();
-    for _ in 0..BATCHES_IN_FLIGHT {
+    for _ in 0..batches_in_flight() {
         let (model, inputs, launched) = (model.clone(), Arc::clone(&inputs), Arc::clone(&launched));
         tasks.spawn(async move {
             let (mut infer, mut write, mut done) = (Duration::ZERO, Duration::ZERO, 0);
@@ -309,6 +307,11 @@ async fn measure(
         padded_tokens: token_counts.iter().copied().max().unwrap_or(0),
         gpu_used_mib: None,
     })
+}
+
+/// The worker's default `worker.batches_in_flight`: the bench runs batches as it does.
+fn batches_in_flight() -> usize {
+    WorkerSettings::default().batches_in_flight.max(1)
 }
 
 /// The results as the consumer hands them to `store::complete`: every input must succeed.
